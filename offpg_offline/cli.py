@@ -15,7 +15,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Train and evaluate policies from logged trajectories by off-policy policy gradient.",
 )
-ingest_app = typer.Typer(no_args_is_help=True, help="Convert a log into the canonical Parquet format.")
+ingest_app = typer.Typer(
+    no_args_is_help=True, help="Convert a log into the canonical Parquet format."
+)
 behavior_app = typer.Typer(no_args_is_help=True, help="Estimate the behavior policy π_β.")
 app.add_typer(ingest_app, name="ingest")
 app.add_typer(behavior_app, name="behavior")

@@ -71,51 +71,81 @@ class TrainConfig:
     """Everything `offpg train` needs; each field is logged as an MLflow param."""
 
     estimator: EstimatorName = field(
-        default=EstimatorName.PER_STEP, metadata={"help": "Surrogate of DESIGN.md §3."})
+        default=EstimatorName.PER_STEP, metadata={"help": "Surrogate of DESIGN.md §3."}
+    )
     propensity: Propensity = field(
-        default=Propensity.LOGGED, metadata={"help": "Column giving log π_β(a|s)."})
+        default=Propensity.LOGGED, metadata={"help": "Column giving log π_β(a|s)."}
+    )
     gamma: float = field(default=0.99, metadata={"help": "Discount γ in [0, 1]."})
     steps: int = field(default=300, metadata={"help": "Gradient steps."})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate."})
     batch_episodes: int = field(
-        default=32, metadata={"help": "Whole episodes per batch (trajectory, per-decision, past-weight)."})
+        default=32,
+        metadata={"help": "Whole episodes per batch (trajectory, per-decision, past-weight)."},
+    )
     batch_steps: int = field(default=2048, metadata={"help": "Steps per batch (per-step)."})
     hidden: tuple[int, ...] = field(default=(64, 64), metadata={"help": "MLP hidden sizes."})
     policy: PolicyKind = field(default=PolicyKind.AUTO, metadata={"help": "Target-policy family."})
     clip: float | None = field(
-        default=None, metadata={"help": "Cap c on importance weights (applied in log space)."})
+        default=None, metadata={"help": "Cap c on importance weights (applied in log space)."}
+    )
     clip_mode: ClipMode = field(
-        default=ClipMode.STEP, metadata={"help": "Cap each ratio ρ_t, or the cumulative weight."})
+        default=ClipMode.STEP, metadata={"help": "Cap each ratio ρ_t, or the cumulative weight."}
+    )
     self_normalize: bool = field(
-        default=False, metadata={"help": "Weighted IS: divide by the batch mean weight."})
-    baseline: Baseline = field(default=Baseline.NONE, metadata={"help": "Baseline b subtracted from G_t."})
+        default=False, metadata={"help": "Weighted IS: divide by the batch mean weight."}
+    )
+    baseline: Baseline = field(
+        default=Baseline.NONE, metadata={"help": "Baseline b subtracted from G_t."}
+    )
     standardize_returns: bool = field(
-        default=False, metadata={"help": "Standardise returns G_t over the batch."})
+        default=False, metadata={"help": "Standardise returns G_t over the batch."}
+    )
     kl_coef: float = field(
-        default=0.0, metadata={"help": "Weight of the KL(π_θ‖π_β) penalty on logged states."})
+        default=0.0, metadata={"help": "Weight of the KL(π_θ‖π_β) penalty on logged states."}
+    )
     ppo_epsilon: float | None = field(
-        default=None, metadata={"help": "PPO-style clip of ρ_t to [1-ε, 1+ε] (per-step)."})
+        default=None, metadata={"help": "PPO-style clip of ρ_t to [1-ε, 1+ε] (per-step)."}
+    )
     psis: bool = field(default=False, metadata={"help": "Pareto-smooth the importance weights."})
     init: Init = field(default=Init.RANDOM, metadata={"help": "Start from random weights or BC."})
-    bc_steps: int = field(default=300, metadata={"help": "Gradient steps of behavior cloning for --init bc."})
+    bc_steps: int = field(
+        default=300, metadata={"help": "Gradient steps of behavior cloning for --init bc."}
+    )
     val_fraction: float = field(
-        default=0.2, metadata={"help": "Fraction of episodes held out for validation."})
+        default=0.2, metadata={"help": "Fraction of episodes held out for validation."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed for torch, the split and batch order."})
-    threads: int = field(default=1, metadata={"help": "torch CPU threads (1 is fastest for small MLPs)."})
+    threads: int = field(
+        default=1, metadata={"help": "torch CPU threads (1 is fastest for small MLPs)."}
+    )
     log_every: int = field(default=10, metadata={"help": "Log diagnostics every N steps."})
     checkpoint_every: int = field(
-        default=0, metadata={"help": "Save a checkpoint every N steps (0: only at the end)."})
+        default=0, metadata={"help": "Save a checkpoint every N steps (0: only at the end)."}
+    )
     eval_every: int = field(
-        default=0, metadata={"help": "Online evaluation every N steps (0: only at the end)."})
-    eval_episodes: int = field(default=10, metadata={"help": "Seeded episodes per online evaluation."})
+        default=0, metadata={"help": "Online evaluation every N steps (0: only at the end)."}
+    )
+    eval_episodes: int = field(
+        default=10, metadata={"help": "Seeded episodes per online evaluation."}
+    )
     env: str | None = field(
-        default=None, metadata={"help": "gymnasium env id for online evaluation (default: the card's)."})
+        default=None,
+        metadata={"help": "gymnasium env id for online evaluation (default: the card's)."},
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma must lie in [0, 1], got {self.gamma}")
-        for name in ("steps", "lr", "batch_episodes", "batch_steps", "eval_episodes", "threads",
-                     "log_every"):
+        for name in (
+            "steps",
+            "lr",
+            "batch_episodes",
+            "batch_steps",
+            "eval_episodes",
+            "threads",
+            "log_every",
+        ):
             _positive(name, getattr(self, name))
         if self.clip is not None:
             _positive("clip", self.clip)
@@ -128,7 +158,9 @@ class TrainConfig:
         if self.checkpoint_every < 0 or self.eval_every < 0 or self.bc_steps < 0:
             raise ValueError("checkpoint_every, eval_every and bc_steps must be >= 0")
         if not self.hidden or any(h <= 0 for h in self.hidden):
-            raise ValueError(f"hidden must be a non-empty list of positive sizes, got {self.hidden}")
+            raise ValueError(
+                f"hidden must be a non-empty list of positive sizes, got {self.hidden}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,9 +169,11 @@ class TrackingConfig:
 
     uri: str | None = field(default=None, metadata={"help": "MLflow tracking URI."})
     experiment: str | None = field(
-        default=None, metadata={"help": "Experiment name (default: the dataset's name)."})
+        default=None, metadata={"help": "Experiment name (default: the dataset's name)."}
+    )
     run_name: str | None = field(
-        default=None, metadata={"help": "Run name (default: estimator and key options)."})
+        default=None, metadata={"help": "Run name (default: estimator and key options)."}
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,8 +187,12 @@ class RunConfig:
 C = TypeVar("C")
 
 _ENUMS: Mapping[str, type[StrEnum]] = {
-    "estimator": EstimatorName, "propensity": Propensity, "clip_mode": ClipMode,
-    "baseline": Baseline, "policy": PolicyKind, "init": Init,
+    "estimator": EstimatorName,
+    "propensity": Propensity,
+    "clip_mode": ClipMode,
+    "baseline": Baseline,
+    "policy": PolicyKind,
+    "init": Init,
 }
 
 
@@ -195,8 +233,10 @@ def load_config(path: Path) -> RunConfig:
     tracking = raw.pop("tracking", {})
     if raw:
         raise ValueError(f"{path}: unknown table(s): {', '.join(sorted(raw))}")
-    return RunConfig(train=build(TrainConfig, "train", train),
-                     tracking=build(TrackingConfig, "tracking", tracking))
+    return RunConfig(
+        train=build(TrainConfig, "train", train),
+        tracking=build(TrackingConfig, "tracking", tracking),
+    )
 
 
 def as_params(config: Any, prefix: str = "") -> dict[str, str | int | float | bool]:

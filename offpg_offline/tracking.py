@@ -79,8 +79,9 @@ class MlflowTracker:
         if run_id is None:
             found = client.get_experiment_by_name(name)
             experiment_id = found.experiment_id if found else client.create_experiment(name)
-            run = client.create_run(experiment_id, run_name=config.run_name or run_name,
-                                    tags=dict(tags or {}))
+            run = client.create_run(
+                experiment_id, run_name=config.run_name or run_name, tags=dict(tags or {})
+            )
         else:
             run = client.get_run(run_id)
             client.update_run(run_id, status="RUNNING")
@@ -101,7 +102,7 @@ class MlflowTracker:
     def log_params(self, params: Mapping[str, str | int | float | bool]) -> None:
         items = [Param(key, str(value)) for key, value in params.items()]
         for i in range(0, len(items), _MAX_PARAMS):
-            self._client.log_batch(self.run_id, params=items[i:i + _MAX_PARAMS])
+            self._client.log_batch(self.run_id, params=items[i : i + _MAX_PARAMS])
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -127,7 +128,9 @@ class MlflowTracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         self._client.log_text(self.run_id, text, artifact_file)
 
-    def log_dataset(self, path: Path, card: Mapping[str, Any], *, context: str = "training") -> None:
+    def log_dataset(
+        self, path: Path, card: Mapping[str, Any], *, context: str = "training"
+    ) -> None:
         """Record the dataset folder as a run input, with a digest of its files' checksums."""
         import mlflow.data
         import polars as pl
@@ -135,18 +138,25 @@ class MlflowTracker:
         from mlflow.entities.dataset_input import DatasetInput
 
         counts = card.get("counts", {})
-        summary = pl.DataFrame({
-            "name": [str(card.get("name", path.name))],
-            "episodes": [int(counts.get("episodes", 0))],
-            "steps": [int(counts.get("steps", 0))],
-        })
+        summary = pl.DataFrame(
+            {
+                "name": [str(card.get("name", path.name))],
+                "episodes": [int(counts.get("episodes", 0))],
+                "steps": [int(counts.get("steps", 0))],
+            }
+        )
         with warnings.catch_warnings():  # "source can be interpreted in multiple ways": both local
             warnings.simplefilter("ignore", UserWarning)
-            dataset = mlflow.data.from_polars(summary, source=str(path.resolve()),
-                                              name=str(card.get("name", path.name)),
-                                              digest=dataset_digest(card))
-        entity = DatasetInput(dataset=dataset._to_mlflow_entity(),
-                              tags=[InputTag(key="mlflow.data.context", value=context)])
+            dataset = mlflow.data.from_polars(
+                summary,
+                source=str(path.resolve()),
+                name=str(card.get("name", path.name)),
+                digest=dataset_digest(card),
+            )
+        entity = DatasetInput(
+            dataset=dataset._to_mlflow_entity(),
+            tags=[InputTag(key="mlflow.data.context", value=context)],
+        )
         self._client.log_inputs(self.run_id, datasets=[entity])
 
 
@@ -157,5 +167,12 @@ def open_client(config: TrackingConfig) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
-__all__ = ["DEFAULT_URI", "MlflowException", "MlflowTracker", "check_reachable",
-           "dataset_digest", "open_client", "resolve_uri"]
+__all__ = [
+    "DEFAULT_URI",
+    "MlflowException",
+    "MlflowTracker",
+    "check_reachable",
+    "dataset_digest",
+    "open_client",
+    "resolve_uri",
+]

@@ -17,8 +17,11 @@ def test_params_metrics_inputs_and_artifacts_round_trip(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     artifact = tmp_path / "note.txt"
     artifact.write_text("hello")
-    card = {"name": "toy", "counts": {"episodes": 3, "steps": 12},
-            "files": [{"name": "part-00000.parquet", "sha256": "ab" * 32}]}
+    card = {
+        "name": "toy",
+        "counts": {"episodes": 3, "steps": 12},
+        "files": [{"name": "part-00000.parquet", "sha256": "ab" * 32}],
+    }
     with MlflowTracker.start(TrackingConfig(uri=uri), experiment="toy", run_name="r") as tracker:
         tracker.log_params({"gamma": 0.99, "estimator": "per-step"})
         for step in range(1500):  # more than one log_batch of 1000
@@ -43,9 +46,10 @@ def test_a_failing_block_marks_the_run_failed(tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    with pytest.raises(RuntimeError), MlflowTracker.start(
-        TrackingConfig(uri=uri), experiment="toy", run_name="r"
-    ) as tracker:
+    with (
+        pytest.raises(RuntimeError),
+        MlflowTracker.start(TrackingConfig(uri=uri), experiment="toy", run_name="r") as tracker,
+    ):
         tracker.log_metrics({"train/loss": 1.0}, step=0)
         raise RuntimeError("boom")
     run = MlflowClient(tracking_uri=uri).get_run(tracker.run_id)
@@ -62,6 +66,8 @@ def test_uri_resolution_order(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_unreachable_server_fails_fast_with_one_sentence() -> None:
     start = time.monotonic()
-    with pytest.raises(ValueError, match=r"MLflow tracking server http://127\.0\.0\.1:9 is unreachable"):
+    with pytest.raises(
+        ValueError, match=r"MLflow tracking server http://127\.0\.0\.1:9 is unreachable"
+    ):
         check_reachable("http://127.0.0.1:9", timeout=2.0)
     assert time.monotonic() - start < 10  # a refused port answers at once; never a retry loop
