@@ -1,0 +1,172 @@
+"""Online evaluation of a policy in a gymnasium environment, when one can be built.
+
+`evaluate_online` runs seeded episodes (episode i resets with `seed + i`) with either the
+policy's mode (greedy) or its samples (stochastic, from a torch generator seeded per episode),
+so a result is reproducible and the two deployments can be compared: they can differ by
+hundreds on CartPole. Dict/Tuple observations are flattened with `gymnasium.spaces.flatten`,
+as the dataset ingest does.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True, slots=True)
+class OnlineResult:
+    """Undiscounted returns of seeded episodes: their mean, population std, and each value."""
+
+    mean: float
+    std: float
+    returns: tuple[float, ...]
+    lengths: tuple[int, ...] = ()
+
+
+class EnvUnavailableWarning(UserWarning):
+    """Emitted by `make_env` when the environment cannot be built (unknown id, missing deps)."""
+
+
+def try_make_env(env_id_or_spec: Any) -> tuple[gym.Env | None, str | None]:
+    """Build an environment, or say in one sentence why it cannot be built.
+
+    Args:
+        env_id_or_spec: a gymnasium id (`"CartPole-v1"`), an `EnvSpec`, or a dataset card's
+            `env_spec` dict (at least `"id"`; optional `"kwargs"`, `"max_episode_steps"`,
+            `"entry_point"` used when the id is not registered).
+
+    Returns:
+        `(env, None)` on success, `(None, reason)` otherwise.
+    """
+    if env_id_or_spec is None:
+        return None, "the dataset records no environment (pass --env ID)"
+    if isinstance(env_id_or_spec, gym.envs.registration.EnvSpec):
+        env_id_or_spec = {
+            "id": env_id_or_spec.id,
+            "kwargs": dict(env_id_or_spec.kwargs),
+            "max_episode_steps": env_id_or_spec.max_episode_steps,
+            "entry_point": env_id_or_spec.entry_point,
+        }
+    if isinstance(env_id_or_spec, str):
+        env_id_or_spec = {"id": env_id_or_spec}
+    if not isinstance(env_id_or_spec, Mapping) or not env_id_or_spec.get("id"):
+        return None, f"cannot read an environment id from {env_id_or_spec!r}"
+    env_id = str(env_id_or_spec["id"])
+    kwargs = dict(env_id_or_spec.get("kwargs") or {})
+    if env_id_or_spec.get("max_episode_steps") is not None:
+        kwargs["max_episode_steps"] = int(env_id_or_spec["max_episode_steps"])
+    target: Any = env_id
+    if env_id not in gym.registry and env_id_or_spec.get("entry_point"):
+        target = gym.envs.registration.EnvSpec(id=env_id, entry_point=env_id_or_spec["entry_point"])
+    try:
+        return gym.make(target, **kwargs), None
+    except gym.error.DependencyNotInstalled as err:
+        return None, f"environment {env_id} needs a missing dependency ({err})"
+    except gym.error.Error as err:
+        return None, f"environment {env_id} is not available ({err})"
+    except Exception as err:  # an env's own constructor can raise anything (ImportError, ...)
+        return None, f"environment {env_id} could not be built ({type(err).__name__}: {err})"
+
+
+def make_env(env_id_or_spec: Any) -> gym.Env | None:
+    """`try_make_env` that returns None and emits an `EnvUnavailableWarning` with the reason."""
+    env, reason = try_make_env(env_id_or_spec)
+    if env is None:
+        warnings.warn(reason or "environment unavailable", EnvUnavailableWarning, stacklevel=2)
+    return env
+
+
+def _flat(space: gym.Space, obs: Any) -> np.ndarray:
+    if isinstance(space, gym.spaces.Dict | gym.spaces.Tuple):
+        return np.asarray(gym.spaces.flatten(space, obs), dtype=np.float32)
+    return np.asarray(obs, dtype=np.float32).reshape(-1)
+
+
+def _to_env_action(space: gym.Space, action: torch.Tensor) -> Any:
+    if isinstance(space, gym.spaces.Discrete):  # Discrete(n, start) is offset; policies from 0
+        return int(action.item()) + int(space.start)
+    value = action.detach().cpu().numpy().astype(space.dtype or np.float32).reshape(space.shape)
+    if isinstance(space, gym.spaces.Box):  # an unsquashed Gaussian can leave the box
+        value = np.clip(value, space.low, space.high)
+    return value
+
+
+def evaluate_online(
+    policy: nn.Module,
+    env_id: Any,
+    *,
+    episodes: int = 10,
+    seed: int = 0,
+    deterministic: bool = True,
+    max_steps: int | None = None,
+) -> OnlineResult:
+    """Mean and std of the undiscounted return of `policy` over seeded episodes.
+
+    Episode i resets the environment with `seed + i`; the stochastic policy draws its actions
+    from a `torch.Generator` seeded with `seed + i`, so each episode is reproducible on its own.
+
+    Args:
+        policy: a module with `mode(obs)` and `sample(obs, generator)` taking `[1, d_obs]`.
+        env_id: a gymnasium id, env spec / card `env_spec` dict, or an already built `gym.Env`
+            (which is not closed here).
+        episodes: number of episodes.
+        seed: first reset seed.
+        deterministic: use the mode (greedy) if True, samples if False.
+        max_steps: optional cap on steps per episode on top of the env's own time limit.
+
+    Returns:
+        An `OnlineResult`.
+
+    Raises:
+        ValueError: if the environment cannot be built (the message says why).
+    """
+    if episodes <= 0:
+        raise ValueError(f"episodes must be positive, got {episodes}")
+    own_env = not isinstance(env_id, gym.Env)
+    if own_env:
+        env, reason = try_make_env(env_id)
+        if env is None:
+            raise ValueError(reason)
+    else:
+        env = env_id
+    returns, lengths = [], []
+    was_training = policy.training
+    policy.eval()
+    try:
+        with torch.no_grad():
+            for episode in range(episodes):
+                generator = torch.Generator().manual_seed(seed + episode)
+                obs, _ = env.reset(seed=seed + episode)
+                total, steps, done = 0.0, 0, False
+                while not done:
+                    state = torch.from_numpy(_flat(env.observation_space, obs)).unsqueeze(0)
+                    if deterministic:
+                        action = policy.mode(state)
+                    else:
+                        action = policy.sample(state, generator)
+                    obs, reward, terminated, truncated, _ = env.step(
+                        _to_env_action(env.action_space, action[0])
+                    )
+                    total += float(reward)
+                    steps += 1
+                    done = terminated or truncated or (max_steps is not None and steps >= max_steps)
+                returns.append(total)
+                lengths.append(steps)
+    finally:
+        policy.train(was_training)
+        if own_env:
+            env.close()
+    values = np.asarray(returns, dtype=np.float64)
+    return OnlineResult(
+        mean=float(values.mean()),
+        std=float(values.std()),
+        returns=tuple(returns),
+        lengths=tuple(lengths),
+    )
