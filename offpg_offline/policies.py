@@ -162,8 +162,12 @@ class CategoricalPolicy(nn.Module):
 
     def spec(self) -> dict[str, Any]:
         """Constructor arguments as plain types (the checkpoint's `spec`)."""
-        return {"kind": "categorical", "obs_dim": self.obs_dim, "n_actions": self.n_actions,
-                "hidden": list(self.hidden)}
+        return {
+            "kind": "categorical",
+            "obs_dim": self.obs_dim,
+            "n_actions": self.n_actions,
+            "hidden": list(self.hidden),
+        }
 
 
 class GaussianPolicy(nn.Module):
@@ -227,8 +231,10 @@ class GaussianPolicy(nn.Module):
     def log_prob(self, obs: Tensor, action: Tensor) -> Tensor:
         """log π_θ(a|s) for each row, [M]; `action` is [M, d_act] (exact density when squashed)."""
         if action.shape != (obs.shape[0], self.action_dim):
-            raise ValueError(f"action must have shape [{obs.shape[0]}, {self.action_dim}], "
-                             f"got {tuple(action.shape)}")
+            raise ValueError(
+                f"action must have shape [{obs.shape[0]}, {self.action_dim}], "
+                f"got {tuple(action.shape)}"
+            )
         mean, log_std = self.distribution_params(obs)
         if not self.squash:
             return diag_normal_log_prob(action.to(mean.dtype), mean, log_std)
@@ -262,8 +268,11 @@ class GaussianPolicy(nn.Module):
         """Constructor arguments as plain types (the checkpoint's `spec`)."""
         return {
             "kind": "tanh-gaussian" if self.squash else "gaussian",
-            "obs_dim": self.obs_dim, "action_dim": self.action_dim, "hidden": list(self.hidden),
-            "std": self.std_mode, "log_std_init": self.log_std_init,
+            "obs_dim": self.obs_dim,
+            "action_dim": self.action_dim,
+            "hidden": list(self.hidden),
+            "std": self.std_mode,
+            "log_std_init": self.log_std_init,
             "action_low": [float(v) for v in self.action_low.tolist()],
             "action_high": [float(v) for v in self.action_high.tolist()],
         }
@@ -330,11 +339,20 @@ def make_policy(
         if act_kind != "box":
             raise ValueError(f"policy kind {kind!r} needs a Box action space")
         return GaussianPolicy(
-            obs_dim, act_dim, hidden, std=std, squash=kind == "tanh-gaussian",
-            action_low=low, action_high=high, log_std_init=log_std_init,
-            obs_mean=obs_mean, obs_std=obs_std)
-    raise ValueError(f"unknown policy kind {kind!r}: expected auto, categorical, gaussian "
-                     "or tanh-gaussian")
+            obs_dim,
+            act_dim,
+            hidden,
+            std=std,
+            squash=kind == "tanh-gaussian",
+            action_low=low,
+            action_high=high,
+            log_std_init=log_std_init,
+            obs_mean=obs_mean,
+            obs_std=obs_std,
+        )
+    raise ValueError(
+        f"unknown policy kind {kind!r}: expected auto, categorical, gaussian or tanh-gaussian"
+    )
 
 
 def policy_from_spec(spec: dict[str, Any]) -> Policy:
@@ -344,9 +362,15 @@ def policy_from_spec(spec: dict[str, Any]) -> Policy:
         return CategoricalPolicy(spec["obs_dim"], spec["n_actions"], spec["hidden"])
     if kind in ("gaussian", "tanh-gaussian"):
         return GaussianPolicy(
-            spec["obs_dim"], spec["action_dim"], spec["hidden"], std=spec["std"],
-            squash=kind == "tanh-gaussian", action_low=spec["action_low"],
-            action_high=spec["action_high"], log_std_init=spec["log_std_init"])
+            spec["obs_dim"],
+            spec["action_dim"],
+            spec["hidden"],
+            std=spec["std"],
+            squash=kind == "tanh-gaussian",
+            action_low=spec["action_low"],
+            action_high=spec["action_high"],
+            log_std_init=spec["log_std_init"],
+        )
     raise ValueError(f"unknown policy kind {kind!r} in checkpoint spec")
 
 
@@ -399,8 +423,10 @@ def behavior_clone(
         The minibatch negative log-likelihood of each step (nats per row).
     """
     if obs.shape[0] != action.shape[0] or obs.shape[0] == 0:
-        raise ValueError(f"obs and action need the same non-zero number of rows, got "
-                         f"{obs.shape[0]} and {action.shape[0]}")
+        raise ValueError(
+            f"obs and action need the same non-zero number of rows, got "
+            f"{obs.shape[0]} and {action.shape[0]}"
+        )
     optimizer = torch.optim.Adam(policy.parameters(), lr=lr, weight_decay=weight_decay)
     n_rows, batch = obs.shape[0], min(batch_size, obs.shape[0])
     losses: list[float] = []

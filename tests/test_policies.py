@@ -66,8 +66,9 @@ def test_gaussian_density_integrates_to_one(std: str) -> None:
 @pytest.mark.parametrize("std", ["learned", "state"])
 def test_tanh_gaussian_density_integrates_to_one_on_the_box(std: str) -> None:
     torch.manual_seed(0)
-    policy = _perturbed(GaussianPolicy(3, 1, (16,), std=std, squash=True, action_low=[-2.0],
-                                       action_high=[3.0]), 1).double()
+    policy = _perturbed(
+        GaussianPolicy(3, 1, (16,), std=std, squash=True, action_low=[-2.0], action_high=[3.0]), 1
+    ).double()
     obs = _obs(4, 3, seed=2).double()
     # Integrate p(a) in a-space by the trapezoid rule on a = squash(u), u on [-7, 7] (a grid that
     # is dense near the bounds). Beyond |u| = atanh(1 - 2e-6) ≈ 7.25 actions are clamped inside the
@@ -91,16 +92,21 @@ def test_tanh_gaussian_density_integrates_to_one_on_the_box(std: str) -> None:
 def test_tanh_log_density_equals_change_of_variables_reference() -> None:
     torch.manual_seed(0)
     low, high = torch.tensor([-2.0, 0.0], dtype=F64), torch.tensor([2.0, 10.0], dtype=F64)
-    policy = _perturbed(GaussianPolicy(3, 2, (16,), std="state", squash=True, action_low=low,
-                                       action_high=high), 1).double()
+    policy = _perturbed(
+        GaussianPolicy(3, 2, (16,), std="state", squash=True, action_low=low, action_high=high), 1
+    ).double()
     obs = _obs(64, 3, seed=2).double()
     action = policy.sample(obs, generator=torch.Generator().manual_seed(3))
     mean, log_std = policy.distribution_params(obs)
     # Slow reference: torch.distributions' own composition of tanh and the affine map.
-    reference = TransformedDistribution(
-        Normal(mean, log_std.exp()),
-        [TanhTransform(), AffineTransform(loc=(low + high) / 2, scale=(high - low) / 2)],
-    ).log_prob(action).sum(-1)
+    reference = (
+        TransformedDistribution(
+            Normal(mean, log_std.exp()),
+            [TanhTransform(), AffineTransform(loc=(low + high) / 2, scale=(high - low) / 2)],
+        )
+        .log_prob(action)
+        .sum(-1)
+    )
     # Both compute the same quantity in float64; differences are rounding in atanh (≤1e-9 rel).
     torch.testing.assert_close(policy.log_prob(obs, action), reference, rtol=1e-9, atol=1e-9)
 
@@ -122,14 +128,24 @@ def test_checkpoint_round_trip_is_bit_exact_with_weights_only_load(kind: str, tm
     torch.manual_seed(0)
     obs_space = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)
     if kind == "categorical":
-        policy = make_policy(obs_space, gym.spaces.Discrete(4), hidden=(16, 8),
-                             obs_mean=[0.5, 0, -1], obs_std=[2, 1, 0.5])
+        policy = make_policy(
+            obs_space,
+            gym.spaces.Discrete(4),
+            hidden=(16, 8),
+            obs_mean=[0.5, 0, -1],
+            obs_std=[2, 1, 0.5],
+        )
     else:
         action_space = gym.spaces.Box(np.array([-2, 0], np.float32), np.array([2, 1], np.float32))
         policy = make_policy(
-            obs_space, action_space, kind="gaussian" if kind == "gaussian" else "tanh-gaussian",
-            std="state" if kind == "state-std" else "learned", hidden=(16, 8),
-            obs_mean=[0.5, 0, -1], obs_std=[2, 1, 0.5])
+            obs_space,
+            action_space,
+            kind="gaussian" if kind == "gaussian" else "tanh-gaussian",
+            std="state" if kind == "state-std" else "learned",
+            hidden=(16, 8),
+            obs_mean=[0.5, 0, -1],
+            obs_std=[2, 1, 0.5],
+        )
     _perturbed(policy, 1)
     path = tmp_path / "policy.pt"
     torch.save(checkpoint(policy, step=7), path)
@@ -143,8 +159,10 @@ def test_checkpoint_round_trip_is_bit_exact_with_weights_only_load(kind: str, tm
     action = policy.sample(obs, generator=torch.Generator().manual_seed(4))
     assert torch.equal(loaded.log_prob(obs, action), policy.log_prob(obs, action))
     assert torch.equal(loaded.mode(obs), policy.mode(obs))
-    assert torch.equal(loaded.sample(obs, torch.Generator().manual_seed(5)),
-                       policy.sample(obs, torch.Generator().manual_seed(5)))
+    assert torch.equal(
+        loaded.sample(obs, torch.Generator().manual_seed(5)),
+        policy.sample(obs, torch.Generator().manual_seed(5)),
+    )
 
 
 def test_make_policy_auto_picks_the_family() -> None:
@@ -184,8 +202,15 @@ def test_behavior_cloning_recovers_a_known_categorical_policy() -> None:
     torch.manual_seed(0)
     policy = CategoricalPolicy(2, 3, (32,))
 
-    losses = behavior_clone(policy, obs, action, steps=1500, lr=1e-2, batch_size=512,
-                            generator=torch.Generator().manual_seed(1))
+    losses = behavior_clone(
+        policy,
+        obs,
+        action,
+        steps=1500,
+        lr=1e-2,
+        batch_size=512,
+        generator=torch.Generator().manual_seed(1),
+    )
 
     test_obs = torch.randn(2000, 2, generator=gen)
     test_probs = torch.softmax(test_obs @ weight.T, -1)
