@@ -1,0 +1,181 @@
+r"""Importance-weight diagnostics and the KL(π_θ‖π_β) penalty.
+
+These tell a user whether the weights have "blown up" (the seed's central difficulty): the
+effective sample size, extreme quantiles, the fraction of weights at the cap, PSIS k̂ and the
+divergence of π_θ from π_β on the logged states. All take log-weights, never weights, so they
+stay finite when w overflows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from offpg_offline.estimators.psis import psis_khat
+from offpg_offline.estimators.segments import check_episode_start, check_flat, episode_sum
+from offpg_offline.estimators.surrogates import (
+    MAX_LOG_WEIGHT,
+    ClipModeName,
+    cumulative_log_weight,
+    log_ratio,
+)
+
+WeightLevel = Literal["episode", "cumulative", "step"]
+QUANTILES = (0.5, 0.9, 0.99)
+
+
+def _check_log_weights(log_weights: Tensor) -> None:
+    if log_weights.ndim != 1 or log_weights.shape[0] == 0:
+        shape = list(log_weights.shape)
+        raise ValueError(f"log_weights must be a non-empty 1-D tensor, got shape {shape}")
+
+
+def ess_fraction(log_weights: Tensor) -> float:
+    r"""Effective sample size as a fraction of N: (Σ w)² / (N Σ w²), in (0, 1] (Kong 1992).
+
+    Computed as exp(2·logsumexp(log w) − logsumexp(2 log w) − log N). Equals 1 when all
+    weights are equal and 1/N when one weight dominates.
+
+    Args:
+        log_weights: [N] log importance weights.
+    """
+    _check_log_weights(log_weights)
+    lw = log_weights.detach().double()
+    value = 2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0) - math.log(lw.shape[0])
+    return float(value.exp())
+
+
+def weight_quantiles(log_weights: Tensor, quantiles: tuple[float, ...] = QUANTILES) -> list[float]:
+    """Quantiles of the weights exp(`log_weights`) [N] (linear interpolation in log space)."""
+    _check_log_weights(log_weights)
+    q = torch.tensor(quantiles, dtype=torch.float64, device=log_weights.device)
+    return [float(v) for v in torch.quantile(log_weights.detach().double(), q).exp()]
+
+
+def max_weight(log_weights: Tensor) -> float:
+    """Largest weight, exp(max log w) (inf when it overflows float64)."""
+    _check_log_weights(log_weights)
+    return float(log_weights.detach().double().max().exp())
+
+
+def fraction_clipped(log_weights: Tensor, clip: float | None) -> float:
+    """Fraction of weights strictly above the cap c (0.0 when `clip` is None)."""
+    _check_log_weights(log_weights)
+    if clip is None:
+        return 0.0
+    return float((log_weights.detach().double() > math.log(clip)).double().mean())
+
+
+def kl_penalty(target_logp: Tensor, behavior_logp: Tensor) -> Tensor:
+    r"""Differentiable estimate of KL(π_θ‖π_β) on the logged states, from β's actions.
+
+        KL̂ = (1/M) Σ_t [ρ_t log ρ_t − ρ_t + 1],   ρ_t = π_θ(a_t|s_t)/π_β(a_t|s_t)
+
+    Unbiased for E_s KL(π_θ(·|s)‖π_β(·|s)) over the logged states: E_β[ρ log ρ] = E_θ[log ρ]
+    and E_β[ρ] = 1; every term is ≥ 0 (x log x − x + 1 ≥ 0), and its gradient,
+    E_β[ρ log ρ ∇log π_θ], is unbiased for ∇KL. For the trainer's `kl_coef · kl_penalty`.
+    log ρ is capped at `MAX_LOG_WEIGHT` to keep float32 gradients finite.
+
+    Args:
+        target_logp: log π_θ(a_t|s_t), [M], differentiable.
+        behavior_logp: log π_β(a_t|s_t) of the logging policy, [M]; detached.
+
+    Returns:
+        A scalar tensor in the dtype of `target_logp`.
+    """
+    lr = log_ratio(target_logp, behavior_logp).clamp_max(MAX_LOG_WEIGHT)
+    terms = lr.exp() * lr - torch.expm1(lr)
+    return terms.mean().to(target_logp.dtype)
+
+
+def kl_to_behavior(target_logp: Tensor, behavior_logp: Tensor) -> float:
+    """`kl_penalty` as a float, for logging."""
+    with torch.no_grad():
+        return float(kl_penalty(target_logp.detach(), behavior_logp))
+
+
+def diagnostic_log_weights(
+    target_logp: Tensor,
+    behavior_logp: Tensor,
+    episode_start: Tensor,
+    *,
+    level: WeightLevel = "episode",
+) -> Tensor:
+    """Raw (unclipped) log-weights at one level: per episode w_{1:T} [E], all w_{1:t}, or ρ_t."""
+    if level == "episode":
+        return episode_sum(log_ratio(target_logp, behavior_logp), episode_start)
+    if level == "cumulative":
+        return cumulative_log_weight(target_logp, behavior_logp, episode_start)
+    if level == "step":
+        return log_ratio(target_logp, behavior_logp)
+    raise ValueError(f"level must be 'episode', 'cumulative' or 'step', got {level!r}")
+
+
+def weight_diagnostics(
+    target_logp: Tensor,
+    behavior_logp: Tensor,
+    episode_start: Tensor,
+    *,
+    clip: float | None = None,
+    clip_mode: ClipModeName = "step",
+    level: WeightLevel = "episode",
+) -> dict[str, float]:
+    r"""Weight and divergence diagnostics for logging, as `dict[str, float]`.
+
+    `level` picks the weights summarised: "episode" (w_{1:T}, one per episode: the weights of
+    `trajectory`, and the largest of `per-decision`/`past-weight`), "cumulative" (every w_{1:t})
+    or "step" (every ρ_t: the weights of `per-step`). Keys:
+
+    - `weights/ess_fraction`: (Σw)²/(NΣw²) of the weights as the estimator uses them (capped at
+      `clip` per `clip_mode`, as in the surrogates);
+    - `weights/max`, `weights/q50`, `weights/q90`, `weights/q99`, `weights/psis_khat`: of the raw
+      (uncapped) weights, which show whether they have blown up (k̂ > 0.7: unreliable);
+      k̂ is inf with fewer than 25 weights, like arviz;
+    - `weights/fraction_clipped`: fraction of the capped quantity (ρ_t for "step" mode, w_{1:t}
+      for "cumulative" mode, at this level) above c;
+    - `policy/kl_to_behavior`: `kl_to_behavior` on the logged states.
+
+    Args:
+        target_logp: log π_θ(a_t|s_t), [M].
+        behavior_logp: log π_β(a_t|s_t) of the logging policy, [M].
+        episode_start: [M] bool, True on each episode's first row.
+        clip: weight cap c > 0, or None.
+        clip_mode: "step" or "cumulative".
+        level: "episode", "cumulative" or "step".
+    """
+    check_flat(target_logp=target_logp, behavior_logp=behavior_logp, episode_start=episode_start)
+    check_episode_start(episode_start)
+    with torch.no_grad():
+        target, behavior = target_logp.detach(), behavior_logp.detach()
+        raw = diagnostic_log_weights(target, behavior, episode_start, level=level)
+        used = raw
+        capped = raw
+        if clip is not None:
+            log_c = math.log(clip)
+            step_log = log_ratio(target, behavior)
+            if clip_mode == "step":
+                capped = step_log
+                clipped_step = step_log.clamp_max(log_c)
+                if level == "episode":
+                    used = episode_sum(clipped_step, episode_start)
+                elif level == "cumulative":
+                    used = cumulative_log_weight(target, behavior, episode_start, clip=clip)
+                else:
+                    used = clipped_step
+            else:
+                capped = raw
+                used = raw.clamp_max(log_c)
+        q50, q90, q99 = weight_quantiles(raw)
+        return {
+            "weights/ess_fraction": ess_fraction(used),
+            "weights/max": max_weight(raw),
+            "weights/q50": q50,
+            "weights/q90": q90,
+            "weights/q99": q99,
+            "weights/psis_khat": psis_khat(raw),
+            "weights/fraction_clipped": fraction_clipped(capped, clip),
+            "policy/kl_to_behavior": kl_to_behavior(target, behavior),
+        }

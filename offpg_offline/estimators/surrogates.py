@@ -1,0 +1,610 @@
+r"""The four importance-weighted policy-gradient surrogates of DESIGN.md §3.
+
+Provenance and deviations
+-------------------------
+Derivation: the seed note (../shared/seed/), i.e. S. Levine's CS285 lecture on off-policy
+policy gradients. Each function is a surrogate loss L(θ) (to minimise) whose autograd gradient
+with respect to `target_logp` is the named estimator of -∇J(θ), with
+J(θ) = E_{π_θ}[Σ_t γ^t r_t]. Notation: ρ_t = π_θ(a_t|s_t)/π_β(a_t|s_t), w_{1:t} = Π_{k≤t} ρ_k,
+G_t = Σ_{t'≥t} γ^{t'-t} r_{t'}, N = number of episodes in the batch.
+
+* The seed's causal equation weights reward r_{t'} by w_{1:t}·w_{t:t'}, which counts ρ_t twice
+  and is biased; `per-decision` implements the correct causal form
+  Σ_t ∇log π_t Σ_{t'≥t} γ^{t'} w_{1:t'} r_{t'} (Precup, Sutton & Singh 2000), whose surrogate
+  is the PDIS estimate itself. tests/test_estimators.py shows the literal form is biased.
+* The seed is undiscounted. With γ < 1 every estimator here targets the same discounted
+  objective, so `past-weight` and `per-step` carry the factor γ^t on step t (Thomas 2014, "Bias
+  in natural actor-critic algorithms"); at θ = β all four then have the same expectation, the
+  discounted policy gradient Σ_t γ^t ∇log π_t G_t. Many deep-RL codes drop γ^t; we do not.
+* Log-weights are built in log space in float64 and capped at `MAX_LOG_WEIGHT` (= 80, i.e.
+  w ≤ 5.5e34) after every statistical option, so the loss and float32 gradients stay finite on
+  horizons of thousands of steps. A weight at the cap means the estimate is already useless
+  (ESS → 1/N); `weight_diagnostics` reports it.
+* Clipping uses min in log space: unclipped entries keep their gradient, capped ones get none
+  (for `past-weight`, whose weight is a constant coefficient, the capped coefficient still
+  multiplies ∇log π_t — the truncated-IS form of Wawrzyński 2009 / Espeholt et al. 2018).
+* PSIS replaces w by w·sg(w̃/w): the smoothed value w̃ of Vehtari et al. (2024), with the raw
+  weight's gradient direction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from offpg_offline.estimators.psis import pareto_smooth
+from offpg_offline.estimators.segments import (
+    check_episode_start,
+    check_flat,
+    check_gamma,
+    discounted_returns,
+    episode_last,
+    episode_sum,
+    segmented_cumsum,
+)
+
+MAX_LOG_WEIGHT = 80.0
+"""Numerical cap on every log importance weight (w ≤ e^80 ≈ 5.5e34; float32 holds 3.4e38)."""
+MAX_LOG_RATIO = 700.0
+"""Numerical cap on |log ρ_t| so segmented sums stay finite (±inf log-probabilities)."""
+
+ClipModeName = Literal["step", "cumulative"]
+Reduction = Literal["mean", "none"]
+
+
+class Surrogate(Protocol):
+    """Common signature of every entry of `ESTIMATORS` (see `per_decision_surrogate`)."""
+
+    def __call__(
+        self,
+        target_logp: Tensor,
+        behavior_logp: Tensor,
+        reward: Tensor,
+        step: Tensor,
+        episode_start: Tensor,
+        *,
+        gamma: float,
+        clip: float | None = None,
+        clip_mode: ClipModeName = "step",
+        self_normalize: bool = False,
+        baseline: float | Tensor | None = None,
+        standardize_returns: bool = False,
+        ppo_epsilon: float | None = None,
+        psis: bool = False,
+        returns: Tensor | None = None,
+        reduction: Reduction = "mean",
+    ) -> Tensor: ...
+
+
+def log_ratio(target_logp: Tensor, behavior_logp: Tensor) -> Tensor:
+    r"""Per-step log importance ratio log ρ_t = log π_θ(a_t|s_t) − log π_β(a_t|s_t), float64.
+
+    `behavior_logp` (the logging policy π_β) is detached: no gradient ever reaches it.
+    The result is clamped to ±`MAX_LOG_RATIO` so that ±inf log-probabilities stay finite.
+
+    Args:
+        target_logp: log π_θ(a_t|s_t) of the policy being trained, [M], differentiable.
+        behavior_logp: log π_β(a_t|s_t) of the logging policy, [M].
+
+    Returns:
+        [M] float64 tensor.
+    """
+    check_flat(target_logp=target_logp, behavior_logp=behavior_logp)
+    diff = target_logp.double() - behavior_logp.detach().double()
+    return diff.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+
+
+def cumulative_log_weight(
+    target_logp: Tensor,
+    behavior_logp: Tensor,
+    episode_start: Tensor,
+    *,
+    clip: float | None = None,
+    clip_mode: ClipModeName = "step",
+) -> Tensor:
+    r"""Cumulative log-weight log w_{1:t} = Σ_{k ≤ t} log ρ_k within each episode, float64 [M].
+
+    With `clip` = c: `clip_mode="step"` caps each ρ_k at c before the product,
+    log w_{1:t} = Σ_k min(log ρ_k, log c); `"cumulative"` caps the product,
+    min(log w_{1:t}, log c). Both via min, so unclipped entries keep their gradient.
+
+    Args:
+        target_logp: log π_θ(a_t|s_t), [M], differentiable.
+        behavior_logp: log π_β(a_t|s_t), [M]; detached.
+        episode_start: [M] bool, True on each episode's first row.
+        clip: weight cap c > 0, or None.
+        clip_mode: "step" or "cumulative".
+
+    Returns:
+        [M] float64 tensor.
+    """
+    check_flat(target_logp=target_logp, behavior_logp=behavior_logp, episode_start=episode_start)
+    _check_clip(clip, clip_mode)
+    log_rho = log_ratio(target_logp, behavior_logp)
+    if clip is not None and clip_mode == "step":
+        log_rho = log_rho.clamp_max(math.log(clip))
+    log_w = segmented_cumsum(log_rho, episode_start)
+    if clip is not None and clip_mode == "cumulative":
+        log_w = log_w.clamp_max(math.log(clip))
+    return log_w
+
+
+def _check_clip(clip: float | None, clip_mode: str) -> None:
+    if clip_mode not in ("step", "cumulative"):
+        raise ValueError(f"clip_mode must be 'step' or 'cumulative', got {clip_mode!r}")
+    if clip is not None and not clip > 0:
+        raise ValueError(f"clip must be positive, got {clip}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Inputs:
+    """Validated inputs shared by the surrogates (all float64, constants detached)."""
+
+    target_logp: Tensor
+    log_rho: Tensor
+    reward: Tensor
+    discount: Tensor
+    episode_start: Tensor
+    position: Tensor
+    baseline: Tensor
+    returns: Tensor | None
+    n_episodes: int
+
+
+def _prepare(
+    target_logp: Tensor,
+    behavior_logp: Tensor,
+    reward: Tensor,
+    step: Tensor,
+    episode_start: Tensor,
+    *,
+    gamma: float,
+    clip: float | None,
+    clip_mode: str,
+    baseline: float | Tensor | None,
+    ppo_epsilon: float | None,
+    returns: Tensor | None,
+    reduction: str,
+) -> _Inputs:
+    baseline_tensor = baseline if isinstance(baseline, Tensor) else None
+    check_flat(target_logp=target_logp, behavior_logp=behavior_logp, reward=reward, step=step,
+               episode_start=episode_start, baseline=baseline_tensor, returns=returns)
+    check_episode_start(episode_start)
+    check_gamma(gamma)
+    _check_clip(clip, clip_mode)
+    if ppo_epsilon is not None and not 0.0 < ppo_epsilon < 1.0:
+        raise ValueError(f"ppo_epsilon must lie in (0, 1), got {ppo_epsilon}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    if baseline is None:
+        base = torch.zeros_like(reward, dtype=torch.float64)
+    elif isinstance(baseline, Tensor):
+        base = baseline.detach().double()
+    else:
+        base = torch.full_like(reward, float(baseline), dtype=torch.float64)
+    positions = torch.arange(reward.shape[0], device=reward.device)
+    first_row = torch.cummax(torch.where(episode_start, positions, 0), dim=0).values
+    return _Inputs(
+        target_logp=target_logp,
+        log_rho=log_ratio(target_logp, behavior_logp),
+        reward=reward.detach().double(),
+        discount=gamma ** step.detach().double(),
+        episode_start=episode_start,
+        position=positions - first_row,
+        baseline=base,
+        returns=None if returns is None else returns.detach().double(),
+        n_episodes=int(episode_start.sum()),
+    )
+
+
+def _returns(x: _Inputs, gamma: float) -> Tensor:
+    if x.returns is not None:
+        return x.returns
+    return discounted_returns(x.reward, x.episode_start, gamma)
+
+
+def _standardize(advantage: Tensor) -> tuple[Tensor, Tensor]:
+    """Batch mean and std (population, floored at 1e-8) of `advantage`."""
+    return advantage.mean(), advantage.std(correction=0).clamp_min(1e-8)
+
+
+def _smooth(log_weight: Tensor) -> Tensor:
+    """log w̃ = log w + sg(log PSIS(w) − log w): smoothed values, raw gradient direction."""
+    smoothed, _ = pareto_smooth(log_weight.detach())
+    return log_weight + (smoothed - log_weight.detach())
+
+
+def _scatter_logsumexp(values: Tensor, index: Tensor, size: int) -> Tensor:
+    """log Σ_{i: index_i = j} exp(values_i) for j < size (−inf where empty); stable."""
+    shift = torch.full((size,), -math.inf, dtype=values.dtype, device=values.device)
+    shift = shift.scatter_reduce(0, index, values.detach(), reduce="amax")
+    safe = torch.where(torch.isfinite(shift), shift, 0.0)
+    sums = torch.zeros(size, dtype=values.dtype, device=values.device)
+    sums = sums.index_add(0, index, torch.exp(values - safe[index]))
+    return safe + torch.log(sums)
+
+
+def _per_position_log_normaliser(log_w: Tensor, x: _Inputs) -> Tensor:
+    r"""log n_t per row, n_t = (1/N) Σ_i w_{i, min(t, T_i − 1)} (WPDIS; Precup et al. 2000).
+
+    Episodes that ended before position t carry their final weight (an absorbing state whose
+    action probability is 1 under both policies), so n_t averages over all N episodes.
+    """
+    length = int(x.position.max()) + 1
+    alive = _scatter_logsumexp(log_w, x.position, length)
+    last = episode_last(x.episode_start)
+    ended_at = _scatter_logsumexp(log_w[last], x.position[last] + 1, length + 1)[:length]
+    ended = torch.logcumsumexp(ended_at, dim=0)
+    total = torch.logaddexp(alive, ended) - math.log(x.n_episodes)
+    return total[x.position]
+
+
+def _reduce(step_terms: Tensor, x: _Inputs, reduction: str) -> Tensor:
+    per_episode = -episode_sum(step_terms, x.episode_start)
+    loss = per_episode if reduction == "none" else per_episode.mean()
+    return loss.to(x.target_logp.dtype if x.target_logp.is_floating_point() else torch.float64)
+
+
+def _finish_log_weight(log_w: Tensor) -> Tensor:
+    return log_w.clamp_max(MAX_LOG_WEIGHT)
+
+
+def _no_ppo(name: str, ppo_epsilon: float | None) -> None:
+    if ppo_epsilon is not None:
+        raise ValueError(
+            f"ppo_epsilon does not apply to the {name} surrogate (its weight is a product over "
+            "steps, not a per-step ratio); use it with per-step or past-weight, or use clip")
+
+
+def trajectory_surrogate(
+    target_logp: Tensor,
+    behavior_logp: Tensor,
+    reward: Tensor,
+    step: Tensor,
+    episode_start: Tensor,
+    *,
+    gamma: float,
+    clip: float | None = None,
+    clip_mode: ClipModeName = "step",
+    self_normalize: bool = False,
+    baseline: float | Tensor | None = None,
+    standardize_returns: bool = False,
+    ppo_epsilon: float | None = None,
+    psis: bool = False,
+    returns: Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    r"""Trajectory-wise importance-sampling surrogate (`trajectory`), to be minimised.
+
+        L(θ) = −(1/N) Σ_i w^i_{1:T}(θ) (R_i − b(s^i_0)),   R_i = Σ_t γ^t r^i_t
+
+    Its gradient is the full-IS policy gradient of the seed,
+    −(1/N) Σ_i w_{1:T} (Σ_t ∇log π_θ(a_t|s_t)) (R_i − b), and −L (with b = 0) is the ordinary IS
+    estimate of J(π_θ). Unbiased when `behavior_logp` is the true log π_β with π_β > 0 wherever
+    π_θ > 0, and no clip, PSIS or self-normalisation is used; its variance grows exponentially in
+    the horizon (Precup et al. 2000; Levine, CS285 lecture 5).
+
+    Options: `clip` caps each ρ_t ("step") or w_{1:T} ("cumulative"); `self_normalize` divides by
+    the batch mean of w_{1:T} (weighted IS, not detached: −L is the WIS estimate and its gradient
+    the gradient of WIS — consistent, O(1/N) bias); `baseline` b is taken at each episode's first
+    row (a float, or b(s_0) from an [M] tensor) and subtracted from R_i — unbiased because
+    E_β[w_{1:T} b(s_0)] = E[b(s_0)] does not depend on θ; `standardize_returns` standardises
+    R_i − b over the batch's episodes; `psis` Pareto-smooths the N episode weights;
+    `ppo_epsilon` raises ValueError (no per-step ratio to clip); `returns` [M], when given,
+    supplies R_i as the value at each episode's first row.
+
+    Args:
+        target_logp: log π_θ(a_t|s_t) under the policy being trained, [M], differentiable.
+        behavior_logp: log π_β(a_t|s_t) of the logging policy, [M]; treated as a constant.
+        reward: r_t, [M].
+        step: t within the episode, starting at 0, [M] (the discount is γ^t).
+        episode_start: True on each episode's first row, [M] bool.
+        gamma: discount in [0, 1].
+        clip: weight cap c > 0, or None.
+        clip_mode: "step" (cap ρ_t) or "cumulative" (cap w_{1:t}).
+        self_normalize: weighted importance sampling.
+        baseline: None, a float, or an [M] tensor b(s_t) (detached).
+        standardize_returns: standardise the returns after subtracting the baseline.
+        ppo_epsilon: must be None here.
+        psis: Pareto-smooth the weights.
+        returns: optional precomputed G_t, [M].
+        reduction: "mean" (a scalar) or "none" (the N per-episode terms, whose mean is L).
+
+    Returns:
+        A scalar tensor (or [N] with reduction="none").
+    """
+    _no_ppo("trajectory", ppo_epsilon)
+    x = _prepare(target_logp, behavior_logp, reward, step, episode_start, gamma=gamma, clip=clip,
+                 clip_mode=clip_mode, baseline=baseline, ppo_epsilon=ppo_epsilon,
+                 returns=returns, reduction=reduction)
+    log_rho = x.log_rho
+    if clip is not None and clip_mode == "step":
+        log_rho = log_rho.clamp_max(math.log(clip))
+    log_w = episode_sum(log_rho, x.episode_start)
+    if clip is not None and clip_mode == "cumulative":
+        log_w = log_w.clamp_max(math.log(clip))
+    if psis:
+        log_w = _smooth(log_w)
+    if self_normalize:
+        log_w = log_w - (torch.logsumexp(log_w, dim=0) - math.log(x.n_episodes))
+    weight = _finish_log_weight(log_w).exp()
+    if x.returns is not None:
+        episode_return = x.returns[x.episode_start]
+    else:
+        episode_return = episode_sum(x.discount * x.reward, x.episode_start)
+    advantage = episode_return - x.baseline[x.episode_start]
+    if standardize_returns:
+        mean, std = _standardize(advantage)
+        advantage = (advantage - mean) / std
+    per_episode = -(weight * advantage)
+    loss = per_episode if reduction == "none" else per_episode.mean()
+    return loss.to(target_logp.dtype if target_logp.is_floating_point() else torch.float64)
+
+
+def per_decision_surrogate(
+    target_logp: Tensor,
+    behavior_logp: Tensor,
+    reward: Tensor,
+    step: Tensor,
+    episode_start: Tensor,
+    *,
+    gamma: float,
+    clip: float | None = None,
+    clip_mode: ClipModeName = "step",
+    self_normalize: bool = False,
+    baseline: float | Tensor | None = None,
+    standardize_returns: bool = False,
+    ppo_epsilon: float | None = None,
+    psis: bool = False,
+    returns: Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    r"""Per-decision importance-sampling (PDIS) surrogate (`per-decision`), to be minimised.
+
+        L(θ) = −(1/N) Σ_i Σ_t γ^t [ w_{1:t}(θ) r_t − (w_{1:t}(θ) − w_{1:t−1}(θ)) b(s_t) ],
+        w_{1:0} = 1.
+
+    With b = 0, −L is the PDIS estimate of J(π_θ) (Precup, Sutton & Singh 2000) and its
+    gradient is the causal off-policy policy gradient
+    −(1/N) Σ_i Σ_t ∇log π_θ(a_t|s_t) Σ_{t'≥t} γ^{t'} w_{1:t'} r_{t'}, unbiased when
+    `behavior_logp` is the true log π_β (π_β > 0 wherever π_θ > 0) and no clip, PSIS or
+    self-normalisation is used. It has lower variance than `trajectory`: r_t is weighted only by
+    the ratios of actions that preceded it. (The seed's causal equation, with the future product
+    starting at t'' = t, counts ρ_t twice and is biased.)
+
+    Options: `clip` caps ρ_t ("step") or w_{1:t} ("cumulative"); `self_normalize` divides
+    w_{1:t} by n_t, the mean over the batch's N episodes of w_{1:t} (ended episodes carry their
+    final weight) — weighted PDIS, normaliser not detached; `baseline` b(s_t) enters as the
+    control variate γ^t (w_{1:t} − w_{1:t−1}) b(s_t), whose expectation under β is 0 for every
+    θ, so the gradient stays unbiased; at θ = β the gradient is Σ_t γ^t ∇log π_t (G_t − b_t),
+    REINFORCE with a baseline; `standardize_returns` adds the batch mean of G_t − b_t to the
+    baseline (same control variate) and divides the loss by its std; `psis` Pareto-smooths all
+    M cumulative weights as one sample; `ppo_epsilon` and `returns` raise ValueError.
+
+    Args:
+        target_logp: log π_θ(a_t|s_t) under the policy being trained, [M], differentiable.
+        behavior_logp: log π_β(a_t|s_t) of the logging policy, [M]; treated as a constant.
+        reward: r_t, [M].
+        step: t within the episode, starting at 0, [M].
+        episode_start: True on each episode's first row, [M] bool.
+        gamma: discount in [0, 1].
+        clip: weight cap c > 0, or None.
+        clip_mode: "step" or "cumulative".
+        self_normalize: weighted per-decision importance sampling.
+        baseline: None, a float, or an [M] tensor b(s_t) (detached).
+        standardize_returns: see above.
+        ppo_epsilon: must be None here.
+        psis: Pareto-smooth the weights.
+        returns: must be None here (the estimator weights each r_t separately).
+        reduction: "mean" (a scalar) or "none" (N per-episode terms whose mean is L).
+
+    Returns:
+        A scalar tensor (or [N] with reduction="none").
+    """
+    _no_ppo("per-decision", ppo_epsilon)
+    if returns is not None:
+        raise ValueError("the per-decision surrogate weights each reward r_t by w_{1:t}: pass "
+                         "reward, not precomputed returns")
+    x = _prepare(target_logp, behavior_logp, reward, step, episode_start, gamma=gamma, clip=clip,
+                 clip_mode=clip_mode, baseline=baseline, ppo_epsilon=ppo_epsilon,
+                 returns=returns, reduction=reduction)
+    log_w = _cumulative(x, clip, clip_mode)
+    if psis:
+        log_w = _smooth(log_w)
+    if self_normalize:
+        log_w = log_w - _per_position_log_normaliser(log_w, x)
+    weight = _finish_log_weight(log_w).exp()
+    previous = torch.where(x.episode_start, 1.0, torch.roll(weight, 1))
+    base, scale = x.baseline, torch.ones((), dtype=torch.float64)
+    if standardize_returns:
+        mean, scale = _standardize(_returns(x, gamma) - x.baseline)
+        base = base + mean
+    terms = x.discount * (weight * x.reward - (weight - previous) * base) / scale
+    return _reduce(terms, x, reduction)
+
+
+def _cumulative(x: _Inputs, clip: float | None, clip_mode: str) -> Tensor:
+    log_rho = x.log_rho
+    if clip is not None and clip_mode == "step":
+        log_rho = log_rho.clamp_max(math.log(clip))
+    log_w = segmented_cumsum(log_rho, x.episode_start)
+    if clip is not None and clip_mode == "cumulative":
+        log_w = log_w.clamp_max(math.log(clip))
+    return log_w
+
+
+def _ppo_term(ratio: Tensor, advantage: Tensor, epsilon: float) -> Tensor:
+    """PPO's pessimistic term min(ρA, clip(ρ, 1−ε, 1+ε)A) (Schulman et al. 2017)."""
+    return torch.minimum(ratio * advantage, ratio.clamp(1 - epsilon, 1 + epsilon) * advantage)
+
+
+def past_weight_surrogate(
+    target_logp: Tensor,
+    behavior_logp: Tensor,
+    reward: Tensor,
+    step: Tensor,
+    episode_start: Tensor,
+    *,
+    gamma: float,
+    clip: float | None = None,
+    clip_mode: ClipModeName = "step",
+    self_normalize: bool = False,
+    baseline: float | Tensor | None = None,
+    standardize_returns: bool = False,
+    ppo_epsilon: float | None = None,
+    psis: bool = False,
+    returns: Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    r"""Past-weight surrogate (`past-weight`): the seed's step 1, future ratios dropped.
+
+        L(θ) = −(1/N) Σ_i Σ_t γ^t sg(w_{1:t}) log π_θ(a_t|s_t) (G_t − b(s_t))
+
+    Gradient: −(1/N) Σ Σ_t γ^t w_{1:t} ∇log π_θ(a_t|s_t) (G_t − b_t). Biased for θ ≠ β (the
+    future weights w_{t+1:t'} on the rewards in G_t are dropped) — a policy-iteration-style
+    improvement direction (seed; Levine, CS285 lecture 5); exact in expectation at θ = β. The
+    baseline adds no bias: E_β[w_{1:t} ∇log π_t b(s_t)] = 0.
+
+    Options: `clip` caps ρ_t ("step") or w_{1:t} ("cumulative") in the constant coefficient
+    (the capped coefficient still multiplies ∇log π_t); `self_normalize` divides w_{1:t} by n_t,
+    the batch mean at position t (as in `per_decision_surrogate`; detached like the weight);
+    `standardize_returns` standardises G_t − b_t over the batch's steps; `psis` Pareto-smooths
+    the M cumulative weights; `ppo_epsilon` = ε switches to the ratio form
+    −(1/N) Σ Σ_t γ^t sg(w_{1:t−1}) min(ρ_t A_t, clip(ρ_t, 1−ε, 1+ε) A_t), which has the same
+    gradient while ρ_t stays within [1−ε, 1+ε] and none beyond (Schulman et al. 2017);
+    `returns` [M] replaces the G_t computed from `reward`.
+
+    Args:
+        target_logp: log π_θ(a_t|s_t) under the policy being trained, [M], differentiable.
+        behavior_logp: log π_β(a_t|s_t) of the logging policy, [M]; treated as a constant.
+        reward: r_t, [M].
+        step: t within the episode, starting at 0, [M].
+        episode_start: True on each episode's first row, [M] bool.
+        gamma: discount in [0, 1].
+        clip: weight cap c > 0, or None.
+        clip_mode: "step" or "cumulative".
+        self_normalize: divide the weights by their per-position batch mean.
+        baseline: None, a float, or an [M] tensor b(s_t) (detached).
+        standardize_returns: standardise G_t − b_t over the batch.
+        ppo_epsilon: PPO clip range ε in (0, 1), or None.
+        psis: Pareto-smooth the weights.
+        returns: optional precomputed G_t, [M].
+        reduction: "mean" (a scalar) or "none" (N per-episode terms whose mean is L).
+
+    Returns:
+        A scalar tensor (or [N] with reduction="none").
+    """
+    x = _prepare(target_logp, behavior_logp, reward, step, episode_start, gamma=gamma, clip=clip,
+                 clip_mode=clip_mode, baseline=baseline, ppo_epsilon=ppo_epsilon,
+                 returns=returns, reduction=reduction)
+    log_w = _cumulative(x, clip, clip_mode).detach()
+    if psis:
+        log_w = _smooth(log_w)
+    if self_normalize:
+        log_w = log_w - _per_position_log_normaliser(log_w, x)
+    log_w = _finish_log_weight(log_w)
+    advantage = _returns(x, gamma) - x.baseline
+    if standardize_returns:
+        mean, std = _standardize(advantage)
+        advantage = (advantage - mean) / std
+    if ppo_epsilon is None:
+        terms = x.discount * log_w.exp() * x.target_logp.double() * advantage
+    else:
+        previous = torch.where(x.episode_start, 0.0, torch.roll(log_w, 1)).exp()
+        terms = x.discount * previous * _ppo_term(x.log_rho.exp(), advantage, ppo_epsilon)
+    return _reduce(terms, x, reduction)
+
+
+def per_step_surrogate(
+    target_logp: Tensor,
+    behavior_logp: Tensor,
+    reward: Tensor,
+    step: Tensor,
+    episode_start: Tensor,
+    *,
+    gamma: float,
+    clip: float | None = None,
+    clip_mode: ClipModeName = "step",
+    self_normalize: bool = False,
+    baseline: float | Tensor | None = None,
+    standardize_returns: bool = False,
+    ppo_epsilon: float | None = None,
+    psis: bool = False,
+    returns: Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    r"""Per-step surrogate (`per-step`): the seed's final form, one ratio per step.
+
+        L(θ) = −(1/N) Σ_i Σ_t γ^t ρ_t(θ) (G_t − b(s_t))
+
+    Gradient: −(1/N) Σ Σ_t γ^t ρ_t ∇log π_θ(a_t|s_t) (G_t − b_t). Biased for θ ≠ β: it ignores
+    the change of state distribution and the future weights, with error bounded when π_θ stays
+    close to π_β (seed; Levine, CS285 lecture 5; the surrogate of TRPO/PPO, Schulman et al.
+    2015/2017). At θ = β it is exactly the on-policy REINFORCE gradient with reward-to-go.
+    The baseline adds no bias: E_{a~β}[ρ ∇log π_θ] = 0. The loss is the mean over episodes of
+    the per-episode sum, so its scale matches the other estimators. When rows are single steps
+    drawn from many episodes, pass precomputed `returns` and `episode_start` all True: the loss
+    is then the per-step mean (the episode scale divided by the mean episode length).
+
+    Options: `clip` caps ρ_t at c (both clip modes: there is no product here);
+    `self_normalize` divides ρ_t by its batch mean over the M steps (not detached);
+    `standardize_returns` standardises G_t − b_t over the batch; `psis` Pareto-smooths the M
+    ratios; `ppo_epsilon` = ε uses PPO's min(ρ_t A_t, clip(ρ_t, 1−ε, 1+ε) A_t)
+    (Schulman et al. 2017); `returns` [M] replaces the G_t computed from `reward`.
+
+    Args:
+        target_logp: log π_θ(a_t|s_t) under the policy being trained, [M], differentiable.
+        behavior_logp: log π_β(a_t|s_t) of the logging policy, [M]; treated as a constant.
+        reward: r_t, [M].
+        step: t within the episode, starting at 0, [M].
+        episode_start: True on each episode's first row, [M] bool.
+        gamma: discount in [0, 1].
+        clip: ratio cap c > 0, or None.
+        clip_mode: "step" or "cumulative" (identical here).
+        self_normalize: divide ρ_t by its batch mean.
+        baseline: None, a float, or an [M] tensor b(s_t) (detached).
+        standardize_returns: standardise G_t − b_t over the batch.
+        ppo_epsilon: PPO clip range ε in (0, 1), or None.
+        psis: Pareto-smooth the ratios.
+        returns: optional precomputed G_t, [M].
+        reduction: "mean" (a scalar) or "none" (N per-episode terms whose mean is L).
+
+    Returns:
+        A scalar tensor (or [N] with reduction="none").
+    """
+    x = _prepare(target_logp, behavior_logp, reward, step, episode_start, gamma=gamma, clip=clip,
+                 clip_mode=clip_mode, baseline=baseline, ppo_epsilon=ppo_epsilon,
+                 returns=returns, reduction=reduction)
+    log_rho = x.log_rho
+    if clip is not None:
+        log_rho = log_rho.clamp_max(math.log(clip))
+    if psis:
+        log_rho = _smooth(log_rho)
+    if self_normalize:
+        log_rho = log_rho - (torch.logsumexp(log_rho, dim=0) - math.log(log_rho.shape[0]))
+    ratio = _finish_log_weight(log_rho).exp()
+    advantage = _returns(x, gamma) - x.baseline
+    if standardize_returns:
+        mean, std = _standardize(advantage)
+        advantage = (advantage - mean) / std
+    if ppo_epsilon is None:
+        terms = x.discount * ratio * advantage
+    else:
+        terms = x.discount * _ppo_term(ratio, advantage, ppo_epsilon)
+    return _reduce(terms, x, reduction)
+
+
+ESTIMATORS: Mapping[str, Surrogate] = MappingProxyType({
+    "trajectory": trajectory_surrogate,
+    "per-decision": per_decision_surrogate,
+    "past-weight": past_weight_surrogate,
+    "per-step": per_step_surrogate,
+})
+"""Surrogate loss per estimator name; the keys equal `config.EstimatorName` values."""
+
