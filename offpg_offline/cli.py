@@ -6,9 +6,24 @@ Heavy modules (torch, pyarrow, mlflow, minari) are imported inside the commands,
 
 from __future__ import annotations
 
-from typing import NoReturn
+import dataclasses
+from pathlib import Path
+from typing import Annotated, NoReturn
 
 import typer
+
+from offpg_offline.config import (
+    Baseline,
+    ClipMode,
+    EstimatorName,
+    Init,
+    PolicyKind,
+    Propensity,
+    RunConfig,
+    TrainConfig,
+    as_params,
+    load_config,
+)
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -33,6 +48,118 @@ def fail(message: str) -> NoReturn:
 
 
 # --- train command ---
+
+
+def _run_name(config: TrainConfig) -> str:
+    parts = [config.estimator.value]
+    if config.clip is not None:
+        parts.append(f"clip{config.clip:g}-{config.clip_mode.value}")
+    if config.ppo_epsilon is not None:
+        parts.append(f"ppo{config.ppo_epsilon:g}")
+    if config.kl_coef:
+        parts.append(f"kl{config.kl_coef:g}")
+    if config.self_normalize:
+        parts.append("sn")
+    if config.baseline.value != "none":
+        parts.append(f"b-{config.baseline.value}")
+    if config.init.value == "bc":
+        parts.append("bc")
+    parts.append(f"s{config.seed}")
+    return "-".join(parts)
+
+
+@app.command()
+def train(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder (offpg ingest output).")],
+    estimator: Annotated[EstimatorName | None, typer.Option(help="Surrogate (DESIGN §3).")] = None,
+    propensity: Annotated[Propensity | None, typer.Option(help="logged or estimated.")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML run config.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Gradient steps.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate.")] = None,
+    gamma: Annotated[float | None, typer.Option(help="Discount γ.")] = None,
+    batch_episodes: Annotated[int | None, typer.Option(help="Episodes per batch.")] = None,
+    batch_steps: Annotated[int | None, typer.Option(help="Steps per batch (per-step).")] = None,
+    clip: Annotated[float | None, typer.Option(help="Cap c on importance weights.")] = None,
+    clip_mode: Annotated[ClipMode | None, typer.Option(help="step or cumulative.")] = None,
+    self_normalize: Annotated[bool | None, typer.Option(help="Weighted IS.")] = None,
+    baseline: Annotated[Baseline | None, typer.Option(help="none, constant or value.")] = None,
+    standardize_returns: Annotated[bool | None, typer.Option(help="Standardise G_t.")] = None,
+    kl_coef: Annotated[float | None, typer.Option(help="KL(π_θ‖π_β) penalty weight.")] = None,
+    ppo_epsilon: Annotated[float | None, typer.Option(help="Clip ρ_t to [1-ε, 1+ε].")] = None,
+    psis: Annotated[bool | None, typer.Option(help="Pareto-smoothed weights.")] = None,
+    init: Annotated[Init | None, typer.Option(help="random or bc.")] = None,
+    policy: Annotated[PolicyKind | None, typer.Option(help="Target-policy family.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Online evaluation every N steps.")] = None,
+    eval_episodes: Annotated[int | None, typer.Option(help="Episodes per evaluation.")] = None,
+    env: Annotated[str | None, typer.Option(help="gymnasium env id for online evaluation.")] = None,
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment name.")] = None,
+    run_name: Annotated[str | None, typer.Option(help="MLflow run name.")] = None,
+    out_dir: Annotated[Path | None, typer.Option(help="Checkpoint folder.")] = None,
+) -> None:
+    """Train a target policy on DATASET and record the run in MLflow."""
+    overrides = {key: value for key, value in locals().items()
+                 if key in TrainConfig.__dataclass_fields__ and value is not None}
+    try:
+        run = load_config(config) if config else RunConfig()
+        run = dataclasses.replace(
+            run, train=dataclasses.replace(run.train, **overrides),
+            tracking=dataclasses.replace(
+                run.tracking, **{k: v for k, v in {"experiment": experiment,
+                                                   "run_name": run_name}.items() if v}))
+    except (ValueError, TypeError) as err:
+        fail(str(err))
+    if not (dataset / "dataset.json").is_file():
+        fail(f"{dataset} is not a dataset folder (no dataset.json); create one with `offpg ingest`")
+
+    from offpg_offline import tracking  # torch and mlflow load only here
+    from offpg_offline import train as train_job
+    from offpg_offline.data.store import read_card
+
+    card = read_card(dataset)
+    try:
+        with tracking.MlflowTracker.start(
+            run.tracking, experiment=str(card.get("name", dataset.name)),
+            run_name=_run_name(run.train),
+        ) as tracker:
+            tracker.log_dataset(dataset, card)
+            tracker.log_text(_to_toml(run), "config.toml")
+            result = train_job.train(dataset, run.train, tracker=tracker,
+                                     out_dir=out_dir or Path("runs") / tracker.run_id,
+                                     progress=True)
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err))
+    summary = [f"run {tracker.run_id} ({_run_name(run.train)})"]
+    for key in ("bc/return_mean", "online/return_mean", "online/greedy_return_mean",
+                "ope/pdis_validation", "weights/ess_fraction"):
+        if key in result.metrics:
+            summary.append(f"{key} {result.metrics[key]:.4g}")
+    typer.echo("; ".join(summary))
+    typer.echo(f"checkpoint: {result.checkpoint}")
+    uri = tracking.resolve_uri(run.tracking)
+    typer.echo(f"view: offpg ui  (or: mlflow ui --backend-store-uri {uri})")
+
+
+def _to_toml(run: RunConfig) -> str:
+    """The resolved config as TOML (None values omitted, enums as strings)."""
+    lines = []
+    for table in ("train", "tracking"):
+        lines.append(f"[{table}]")
+        for key, value in as_params(getattr(run, table)).items():
+            if value == "none" and getattr(getattr(run, table), key) is None:
+                continue
+            if key == "hidden":
+                lines.append(f"hidden = [{value}]")
+            elif isinstance(value, bool):
+                lines.append(f"{key} = {str(value).lower()}")
+            elif isinstance(value, int | float):
+                lines.append(f"{key} = {value!r}")
+            else:
+                lines.append(f'{key} = "{value}"')
+        lines.append("")
+    return "\n".join(lines)
 
 
 # --- behavior commands ---

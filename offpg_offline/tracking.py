@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import time
 import urllib.error
@@ -26,6 +27,8 @@ from mlflow.exceptions import MlflowException
 from offpg_offline.config import TrackingConfig
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating tables..." noise
+logging.getLogger("alembic").setLevel(logging.WARNING)
 _MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
 _MAX_PARAMS = 100  # ... and on params per call
 

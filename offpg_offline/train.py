@@ -1,0 +1,517 @@
+"""Train a target policy π_θ from a fixed log with an importance-weighted policy gradient.
+
+Reads top to bottom like a CleanRL script: load the log, split it by episode, build the
+policy (optionally behavior-cloned), then loop: make a batch, take a gradient step on the
+chosen estimator's surrogate (DESIGN.md §3), log diagnostics, save checkpoints, evaluate
+online when the env can be built. The maths lives in `estimators.py`; this module wires it.
+It never imports mlflow: a `Tracker` is handed in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from offpg_offline import estimators
+from offpg_offline.config import (
+    Baseline,
+    EstimatorName,
+    Init,
+    Propensity,
+    TrainConfig,
+    as_params,
+)
+from offpg_offline.data.batch import StepBatch, load_steps
+from offpg_offline.data.spaces import space_from_json
+from offpg_offline.data.store import read_card
+from offpg_offline.policies import behavior_clone, make_policy
+
+
+class Tracker(Protocol):
+    """What training needs from run tracking; tracking.MlflowTracker provides it."""
+
+    def log_params(self, params: Mapping[str, str | int | float | bool]) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None: ...
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+
+
+class NullTracker:
+    """A tracker that records nothing (Python API use without MLflow)."""
+
+    def log_params(self, params: Mapping[str, str | int | float | bool]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+
+@dataclass(frozen=True, slots=True)
+class TrainResult:
+    """What a training run produced."""
+
+    checkpoint: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    train_episodes: tuple[int, ...] = ()
+    validation_episodes: tuple[int, ...] = ()
+
+
+EPISODIC = {EstimatorName.TRAJECTORY, EstimatorName.PER_DECISION, EstimatorName.PAST_WEIGHT}
+
+
+def behavior_logp_of(batch: StepBatch, propensity: Propensity, dataset: Path) -> Tensor:
+    """The log π_β(a|s) column chosen by `propensity`; a clear error when it is empty."""
+    column = batch.logged_logp if propensity is Propensity.LOGGED else batch.estimated_logp
+    if column is None:
+        name = "logged_logp" if propensity is Propensity.LOGGED else "estimated_logp"
+        hint = (
+            "run `offpg behavior fit` and use --propensity estimated"
+            if propensity is Propensity.LOGGED
+            else "run `offpg behavior fit` on it first"
+        )
+        raise ValueError(f"{dataset}: column {name} is empty; {hint}")
+    return column
+
+
+def split_episodes(
+    n_episodes: int, val_fraction: float, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """A seeded train/validation split by episode ordinal; both sorted, validation may be empty."""
+    order = torch.randperm(n_episodes, generator=generator)
+    n_val = min(round(val_fraction * n_episodes), n_episodes - 1)
+    return order[n_val:].sort().values, order[:n_val].sort().values
+
+
+def episode_rows(episode_start: Tensor, index: Tensor) -> Tensor:
+    """Row indices of the episodes with ordinals `index`, in that order (vectorised gather)."""
+    starts = torch.nonzero(episode_start).flatten()
+    lengths = torch.diff(starts, append=torch.tensor([episode_start.shape[0]]))
+    chosen_starts, chosen_lengths = starts[index], lengths[index]
+    first = torch.repeat_interleave(chosen_starts, chosen_lengths)
+    offsets = torch.cumsum(chosen_lengths, 0) - chosen_lengths
+    within = torch.arange(int(chosen_lengths.sum())) - torch.repeat_interleave(
+        offsets, chosen_lengths
+    )
+    return first + within
+
+
+@dataclass(frozen=True, slots=True)
+class LogView:
+    """The flat tensors a surrogate needs, for the rows of one batch (or the whole split)."""
+
+    obs: Tensor
+    action: Tensor
+    behavior_logp: Tensor
+    reward: Tensor
+    step: Tensor
+    episode_start: Tensor
+    baseline: Tensor | None
+
+    def rows(self, rows: Tensor, *, as_steps: bool) -> LogView:
+        """A sub-view; `as_steps` makes every row its own one-step episode (per-step batches)."""
+        step, start = self.step[rows], self.episode_start[rows]
+        if as_steps:
+            step, start = torch.zeros_like(step), torch.ones_like(start)
+        return LogView(
+            self.obs[rows],
+            self.action[rows],
+            self.behavior_logp[rows],
+            self.reward[rows],
+            step,
+            start,
+            None if self.baseline is None else self.baseline[rows],
+        )
+
+
+def make_view(
+    batch: StepBatch, behavior_logp: Tensor, config: TrainConfig, baseline: Tensor | None
+) -> LogView:
+    """The training view: for `per-step`, rewards are replaced by the return-to-go G_t so that
+    single steps can be sampled (each step then stands alone with discount already applied)."""
+    reward = batch.reward
+    if config.estimator is EstimatorName.PER_STEP:
+        reward = estimators.discounted_returns(batch.reward, batch.episode_start, config.gamma).to(
+            batch.reward.dtype
+        )
+    return LogView(
+        batch.obs, batch.action, behavior_logp, reward, batch.step, batch.episode_start, baseline
+    )
+
+
+def make_batches(
+    view: LogView, config: TrainConfig, generator: torch.Generator
+) -> Iterator[LogView]:
+    """Endless seeded batches: whole episodes for the product estimators, steps for `per-step`."""
+    as_steps = config.estimator is EstimatorName.PER_STEP
+    units = view.step.shape[0] if as_steps else int(view.episode_start.sum())
+    size = min(config.batch_steps if as_steps else config.batch_episodes, units)
+    while True:
+        order = torch.randperm(units, generator=generator)
+        for begin in range(0, units - size + 1, size):
+            chosen = order[begin : begin + size]
+            if as_steps:
+                yield view.rows(chosen, as_steps=True)
+            else:
+                yield view.rows(
+                    episode_rows(view.episode_start, chosen.sort().values), as_steps=False
+                )
+
+
+def surrogate(policy: nn.Module, view: LogView, config: TrainConfig) -> tuple[Tensor, Tensor]:
+    """The chosen estimator's loss on `view` (+ the KL penalty), and log π_θ(a_t|s_t)."""
+    target_logp = policy.log_prob(view.obs, view.action)
+    per_step = config.estimator is EstimatorName.PER_STEP
+    loss = estimators.ESTIMATORS[config.estimator.value](
+        target_logp,
+        view.behavior_logp,
+        view.reward,
+        view.step,
+        view.episode_start,
+        gamma=1.0 if per_step else config.gamma,
+        clip=config.clip,
+        clip_mode=config.clip_mode.value,
+        self_normalize=config.self_normalize,
+        baseline=view.baseline,
+        standardize_returns=config.standardize_returns,
+        ppo_epsilon=config.ppo_epsilon,
+        psis=config.psis,
+    )
+    if config.kl_coef > 0:
+        loss = loss + config.kl_coef * estimators.kl_penalty(target_logp, view.behavior_logp)
+    return loss, target_logp
+
+
+def fit_value_baseline(view: LogView, config: TrainConfig, generator: torch.Generator) -> nn.Module:
+    """b(s) ≈ E_β[G_t | s_t]: an MLP regressed on the logged returns-to-go (DESIGN §3 baseline)."""
+    returns = estimators.discounted_returns(view.reward, view.episode_start, config.gamma).float()
+    mean, std = view.obs.mean(0), view.obs.std(0).clamp_min(1e-6)
+    scale = returns.abs().mean().clamp_min(1e-6)
+    layers: list[nn.Module] = []
+    width = view.obs.shape[1]
+    for hidden in config.hidden:
+        layers += [nn.Linear(width, hidden), nn.Tanh()]
+        width = hidden
+    net = nn.Sequential(*layers, nn.Linear(width, 1))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    normalised = (view.obs - mean) / std
+    for _ in range(500):
+        rows = torch.randint(
+            0, normalised.shape[0], (min(1024, normalised.shape[0]),), generator=generator
+        )
+        loss = ((net(normalised[rows]).squeeze(-1) - returns[rows] / scale) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    class _Value(nn.Module):
+        def forward(self, obs: Tensor) -> Tensor:
+            return net((obs - mean) / std).squeeze(-1) * scale
+
+    return _Value()
+
+
+def step_metrics(loss: Tensor, grad_norm: Tensor) -> dict[str, float]:
+    return {"train/loss": float(loss.detach()), "train/grad_norm": float(grad_norm)}
+
+
+@torch.no_grad()
+def log_diagnostics(
+    policy: nn.Module, train_view: LogView, val_view: LogView | None, config: TrainConfig
+) -> dict[str, float]:
+    """Weight diagnostics on the training split and a PDIS value on the validation split."""
+    episodic = config.estimator in EPISODIC
+    target_logp = policy.log_prob(train_view.obs, train_view.action)
+    metrics = estimators.weight_diagnostics(
+        target_logp,
+        train_view.behavior_logp,
+        train_view.episode_start,
+        clip=config.clip,
+        clip_mode=config.clip_mode.value,
+        level="episode" if episodic else "step",
+    )
+    if val_view is not None and val_view.step.shape[0] > 0:
+        val_logp = policy.log_prob(val_view.obs, val_view.action)
+        metrics["ope/pdis_validation"] = -float(
+            estimators.ESTIMATORS["per-decision"](
+                val_logp,
+                val_view.behavior_logp,
+                val_view.reward,
+                val_view.step,
+                val_view.episode_start,
+                gamma=config.gamma,
+            )
+        )
+    return {key: float(value) for key, value in metrics.items()}
+
+
+def episode_gradient_variance(
+    policy: nn.Module, view: LogView, config: TrainConfig, max_units: int = 8
+) -> float:
+    """tr Cov of per-episode (per-step for `per-step`) gradient contributions, on ≤ 8 of them.
+
+    A diagnostic, not a hot path: one backward pass per unit.
+    """
+    as_steps = config.estimator is EstimatorName.PER_STEP
+    units = view.step.shape[0] if as_steps else int(view.episode_start.sum())
+    grads = []
+    for unit in range(min(units, max_units)):
+        rows = (
+            torch.tensor([unit])
+            if as_steps
+            else episode_rows(view.episode_start, torch.tensor([unit]))
+        )
+        loss, _ = surrogate(policy, view.rows(rows, as_steps=as_steps), config)
+        policy.zero_grad()
+        loss.backward()
+        grads.append(
+            torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
+        )
+    policy.zero_grad()
+    if len(grads) < 2:
+        return 0.0
+    return float(torch.stack(grads).var(dim=0).sum())
+
+
+def save_checkpoint(
+    path: Path,
+    policy: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    step: int,
+    config: TrainConfig,
+    generator: torch.Generator,
+) -> Path:
+    """State dicts and RNG states only, so `torch.load(path, weights_only=True)` reads it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "spec": policy.spec(),
+            "state_dict": policy.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "config": as_params(config),
+            "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        },
+        tmp,
+    )
+    tmp.replace(path)
+    return path
+
+
+def online_metrics(
+    policy: nn.Module, env_id: str | None, config: TrainConfig, prefix: str = "online"
+) -> dict[str, float]:
+    """Mean and std return of the stochastic and greedy policy over seeded episodes."""
+    if env_id is None:
+        return {}
+    from offpg_offline.rollout import evaluate_online
+
+    stochastic = evaluate_online(
+        policy,
+        env_id,
+        episodes=config.eval_episodes,
+        seed=10_000 + config.seed,
+        deterministic=False,
+    )
+    greedy = evaluate_online(
+        policy, env_id, episodes=config.eval_episodes, seed=10_000 + config.seed, deterministic=True
+    )
+    return {
+        f"{prefix}/return_mean": stochastic.mean,
+        f"{prefix}/return_std": stochastic.std,
+        f"{prefix}/greedy_return_mean": greedy.mean,
+        f"{prefix}/greedy_return_std": greedy.std,
+    }
+
+
+def resolve_env(card: Mapping[str, Any], config: TrainConfig) -> str | None:
+    """The env id for online evaluation (`--env`, else the card's), if gymnasium can build it."""
+    from offpg_offline.rollout import make_env
+
+    spec = card.get("env_spec") or {}
+    env_id = config.env or spec.get("id")
+    if env_id is None:
+        return None
+    env = make_env(env_id)
+    if env is None:
+        return None
+    env.close()
+    return env_id
+
+
+def train(
+    dataset: Path,
+    config: TrainConfig,
+    *,
+    tracker: Tracker | None = None,
+    out_dir: Path | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Optimise π_θ on the log at `dataset` with `config.estimator`; see the module docstring."""
+    tracker = tracker or NullTracker()
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    out_dir = out_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+    # Load and split.
+    card = read_card(dataset)
+    batch = load_steps(dataset)
+    behavior_logp = behavior_logp_of(batch, config.propensity, dataset)
+    train_idx, val_idx = split_episodes(batch.n_episodes, config.val_fraction, generator)
+    train_rows = episode_rows(batch.episode_start, train_idx)
+    val_rows = episode_rows(batch.episode_start, val_idx)
+    train_batch = batch.episodes(train_idx)
+    env_id = resolve_env(card, config)
+    tracker.log_params(as_params(config))
+    tracker.set_tags(
+        {
+            "estimator": config.estimator.value,
+            "propensity": config.propensity.value,
+            "dataset": str(card.get("name", dataset.name)),
+            "split.train_episodes": str(len(train_idx)),
+            "split.validation_episodes": str(len(val_idx)),
+        }
+    )
+
+    # Build the policy (and the baseline).
+    policy = make_policy(
+        space_from_json(card["observation_space"]),
+        space_from_json(card["action_space"]),
+        kind=config.policy,
+        hidden=config.hidden,
+        obs_mean=train_batch.obs.mean(0),
+        obs_std=train_batch.obs.std(0).clamp_min(1e-6),
+    )
+    metrics: dict[str, float] = {}
+    if config.init is Init.BC:
+        behavior_clone(
+            policy,
+            train_batch.obs,
+            train_batch.action,
+            steps=config.bc_steps,
+            lr=1e-3,
+            batch_size=1024,
+            generator=generator,
+        )
+        metrics.update(online_metrics(policy, env_id, config, prefix="bc"))
+    full_view = make_view(batch, behavior_logp, config, baseline=None)
+    train_view = full_view.rows(train_rows, as_steps=False)
+    val_view = full_view.rows(val_rows, as_steps=False) if len(val_idx) else None
+    if config.baseline is Baseline.VALUE:
+        value = fit_value_baseline(
+            make_view(
+                train_batch,
+                behavior_logp[train_rows],
+                dataclasses.replace(config, estimator=EstimatorName.PER_DECISION),
+                None,
+            ),
+            config,
+            generator,
+        )
+        with torch.no_grad():
+            train_view = dataclasses.replace(train_view, baseline=value(train_view.obs))
+    elif config.baseline is Baseline.CONSTANT:
+        returns = estimators.discounted_returns(
+            train_batch.reward, train_batch.episode_start, config.gamma
+        )
+        train_view = dataclasses.replace(
+            train_view, baseline=torch.full_like(train_view.reward, float(returns.mean()))
+        )
+
+    # Optimise.
+    optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
+    batches = make_batches(train_view, config, generator)
+    with _progress(progress, config.steps) as advance:
+        for step in range(1, config.steps + 1):
+            view = next(batches)
+            loss, _ = surrogate(policy, view, config)
+            optimizer.zero_grad()
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm=math.inf)
+            optimizer.step()
+            if step % config.log_every == 0 or step == config.steps:
+                metrics.update(step_metrics(loss, grad_norm))
+                metrics.update(log_diagnostics(policy, train_view, val_view, config))
+                metrics["train/grad_variance"] = episode_gradient_variance(policy, view, config)
+                tracker.log_metrics(metrics, step=step)
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                save_checkpoint(
+                    out_dir / f"step-{step:06d}.pt",
+                    policy,
+                    optimizer,
+                    step=step,
+                    config=config,
+                    generator=generator,
+                )
+            if config.eval_every and step % config.eval_every == 0 and step < config.steps:
+                tracker.log_metrics(online_metrics(policy, env_id, config), step=step)
+            advance(
+                loss=float(loss.detach()), ess=metrics.get("weights/ess_fraction", float("nan"))
+            )
+
+    final = save_checkpoint(
+        out_dir / "final.pt",
+        policy,
+        optimizer,
+        step=config.steps,
+        config=config,
+        generator=generator,
+    )
+    online = online_metrics(policy, env_id, config)
+    metrics.update(online)
+    tracker.log_metrics(online, step=config.steps)
+    tracker.log_artifact(final, "checkpoints")
+    return TrainResult(
+        checkpoint=final,
+        metrics=metrics,
+        train_episodes=tuple(train_idx.tolist()),
+        validation_episodes=tuple(val_idx.tolist()),
+    )
+
+
+class _progress:
+    """A rich progress bar with live loss and ESS, or nothing when disabled."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled, self.total = enabled, total
+
+    def __enter__(self) -> Any:
+        if not self.enabled:
+            return lambda **_: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self._bar = Progress(
+            TextColumn("train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            transient=False,
+        )
+        self._bar.__enter__()
+        task = self._bar.add_task("train", total=self.total, status="")
+
+        def advance(loss: float, ess: float) -> None:
+            self._bar.update(task, advance=1, status=f"loss {loss:.4g}  ESS {ess:.0%}")
+
+        return advance
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self._bar.__exit__(*exc)
