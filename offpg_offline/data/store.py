@@ -1,0 +1,580 @@
+"""The canonical dataset folder: atomic sharded Parquet writes, the `dataset.json` card, reading.
+
+A dataset is a folder with `part-00000.parquet …` (schema v1, shards of whole episodes, row
+groups of ~64k rows for streaming) and `dataset.json`. `write_dataset` consumes a stream of
+tables of whole episodes and never holds more than one input table plus one row group, writes
+into `<out>.tmp-<pid>/` beside the destination, fsyncs every file, then renames: a crash or an
+error never leaves a partial dataset under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from offpg_offline.data import schema as sc
+from offpg_offline.data.spaces import space_from_json, space_to_json
+
+CARD_NAME = "dataset.json"
+DEFAULT_ROWS_PER_FILE = 1_000_000
+DEFAULT_ROW_GROUP_SIZE = 65_536
+DEFAULT_COMPRESSION = "zstd"
+_HASH_BLOCK = 1 << 20
+
+
+class DatasetExistsError(FileExistsError, ValueError):
+    """The output folder exists and `overwrite` was not given (a user error: a ValueError too)."""
+
+
+class SourcedTable(NamedTuple):
+    """A table of whole episodes with the file it came from and its first row's number there.
+
+    `write_dataset` accepts these in place of bare tables, so validation messages name the
+    user's file and row instead of the writer's running row count.
+    """
+
+    table: pa.Table
+    source: str
+    row_offset: int = 0
+
+
+# --- streaming statistics ----------------------------------------------------------------------
+
+
+@dataclass
+class _Range:
+    """Running min / sum / max / count of a stream of values (sum in float64)."""
+
+    count: int = 0
+    total: float = 0.0
+    low: float = float("inf")
+    high: float = float("-inf")
+
+    def add(self, values: np.ndarray) -> None:
+        if len(values) == 0:
+            return
+        self.count += len(values)
+        self.total += float(np.sum(values, dtype=np.float64))
+        self.low = min(self.low, float(np.min(values)))
+        self.high = max(self.high, float(np.max(values)))
+
+    def summary(self) -> dict[str, float] | None:
+        if self.count == 0:
+            return None
+        return {"min": self.low, "mean": self.total / self.count, "max": self.high}
+
+
+class StatsAccumulator:
+    """Episode lengths and returns, ends, and propensity ranges over streamed record batches.
+
+    Batches may split an episode (a reader's batches do); the open episode is carried over to the
+    next batch. Needs the columns episode_id, reward, terminated, truncated; propensity columns
+    are summarised when present. The return is the undiscounted sum of rewards.
+    """
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.lengths = _Range()
+        self.returns = _Range()
+        self.terminated = 0  # episodes whose last step is terminated
+        self.truncated = 0   # episodes whose last step is truncated and not terminated
+        self.propensity: dict[str, _Range] = {}
+        self.propensity_nulls: dict[str, int] = {}
+        self._carry: tuple[int, int, float, bool, bool] | None = None  # id, length, return, ends
+
+    def update(self, batch: pa.RecordBatch | pa.Table) -> None:
+        rows = batch.num_rows
+        if rows == 0:
+            return
+        self.steps += rows
+        episode = batch.column(sc.EPISODE_ID).to_numpy()
+        reward = batch.column(sc.REWARD).to_numpy().astype(np.float64)
+        terminated = batch.column(sc.TERMINATED).to_numpy(zero_copy_only=False)
+        truncated = batch.column(sc.TRUNCATED).to_numpy(zero_copy_only=False)
+        run_start = np.flatnonzero(np.r_[True, episode[1:] != episode[:-1]])
+        run_end = np.r_[run_start[1:], rows] - 1
+        ids = episode[run_start]
+        lengths = (run_end - run_start + 1).astype(np.int64)
+        returns = np.add.reduceat(reward, run_start)
+        ends_term = terminated[run_end]
+        ends_trunc = truncated[run_end]
+        if self._carry is not None:
+            carry_id, carry_len, carry_ret, _, _ = self._carry
+            if ids[0] == carry_id:
+                lengths[0] += carry_len
+                returns[0] += carry_ret
+            else:
+                self._finish_carry()
+        self._close(lengths[:-1], returns[:-1], ends_term[:-1], ends_trunc[:-1])
+        self._carry = (int(ids[-1]), int(lengths[-1]), float(returns[-1]),
+                       bool(ends_term[-1]), bool(ends_trunc[-1]))
+        for name in sc.PROPENSITY_COLUMNS:
+            if name not in batch.schema.names:
+                continue
+            column = batch.column(name)
+            self.propensity_nulls[name] = self.propensity_nulls.get(name, 0) + column.null_count
+            values = column.drop_null().to_numpy() if column.null_count else column.to_numpy()
+            self.propensity.setdefault(name, _Range()).add(values)
+
+    def _close(self, lengths: np.ndarray, returns: np.ndarray, term: np.ndarray,
+               trunc: np.ndarray) -> None:
+        self.lengths.add(lengths)
+        self.returns.add(returns)
+        self.terminated += int(term.sum())
+        self.truncated += int((trunc & ~term).sum())
+
+    def _finish_carry(self) -> None:
+        if self._carry is not None:
+            _, length, ret, term, trunc = self._carry
+            self._close(np.array([length]), np.array([ret]), np.array([term]), np.array([trunc]))
+            self._carry = None
+
+    def summary(self) -> dict[str, Any]:
+        """Close the open episode and return plain-JSON statistics."""
+        self._finish_carry()
+        propensity = {}
+        for name in sc.PROPENSITY_COLUMNS:
+            rng = self.propensity.get(name)
+            propensity[name] = rng.summary() if rng is not None else None
+        return {
+            "episode_length": self.lengths.summary(),
+            "episode_return": self.returns.summary(),
+            "episodes_terminated": self.terminated,
+            "episodes_truncated": self.truncated,
+            "propensity_range": propensity,
+        }
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _ShardWriter:
+    """Writes whole episodes into part-NNNNN.parquet files of about `rows_per_file` rows."""
+
+    def __init__(self, folder: Path, schema: pa.Schema, *, rows_per_file: int,
+                 row_group_size: int, compression: str) -> None:
+        self.folder, self.schema = folder, schema
+        self.rows_per_file, self.row_group_size = rows_per_file, row_group_size
+        self.compression = compression
+        self.files: list[dict[str, Any]] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._path: Path | None = None
+        self._rows = 0
+        self._episodes = 0
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+
+    def add(self, table: pa.Table, episode_starts: np.ndarray) -> None:
+        """Append `table` (whole episodes; `episode_starts` = row numbers where each begins)."""
+        position, rows = 0, table.num_rows
+        while position < rows:
+            if self._writer is None:
+                self._open()
+            room = self.rows_per_file - self._rows
+            if rows - position <= room:
+                cut = rows
+            else:  # close the file at the first episode boundary past the target size
+                index = int(np.searchsorted(episode_starts, position + room, side="left"))
+                cut = int(episode_starts[index]) if index < len(episode_starts) else rows
+            piece = table.slice(position, cut - position)
+            self._episodes += int(np.count_nonzero((episode_starts >= position)
+                                                   & (episode_starts < cut)))
+            self._buffer(piece)
+            position = cut
+            if self._rows >= self.rows_per_file:
+                self._close()
+
+    def _open(self) -> None:
+        self._path = self.folder / f"part-{len(self.files):05d}.parquet"
+        self._writer = pq.ParquetWriter(self._path, self.schema, compression=self.compression)
+        self._rows = self._episodes = 0
+
+    def _buffer(self, piece: pa.Table) -> None:
+        self._rows += piece.num_rows
+        self._pending.append(piece)
+        self._pending_rows += piece.num_rows
+        if self._pending_rows >= self.row_group_size:
+            self._flush(final=False)
+
+    def _flush(self, *, final: bool) -> None:
+        if not self._pending:
+            return
+        assert self._writer is not None
+        table = pa.concat_tables(self._pending) if len(self._pending) > 1 else self._pending[0]
+        size = self.row_group_size
+        full = table.num_rows if final else table.num_rows // size * size
+        if full:
+            self._writer.write_table(table.slice(0, full), row_group_size=self.row_group_size)
+        rest = table.slice(full)
+        self._pending = [rest] if rest.num_rows else []
+        self._pending_rows = rest.num_rows
+
+    def _close(self) -> None:
+        assert self._writer is not None and self._path is not None
+        self._flush(final=True)
+        self._writer.close()
+        self._writer = None
+        sha = file_sha256(self._path)
+        _fsync_path(self._path)
+        self.files.append({"name": self._path.name, "rows": self._rows,
+                           "episodes": self._episodes, "bytes": self._path.stat().st_size,
+                           "sha256": sha})
+
+    def finish(self) -> list[dict[str, Any]]:
+        if self._writer is not None:
+            self._close()
+        return self.files
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            finally:
+                self._writer = None
+
+
+class _ActionRange:
+    """Running bounds of the actions, to infer an action space the card does not give."""
+
+    def __init__(self) -> None:
+        self.low: np.ndarray | None = None
+        self.high: np.ndarray | None = None
+
+    def add(self, column: pa.ChunkedArray) -> None:
+        if column.type == pa.int64():
+            values = column.to_numpy().reshape(-1, 1)
+        else:
+            values = sc.vector_values(column)
+        low, high = values.min(axis=0), values.max(axis=0)
+        self.low = low if self.low is None else np.minimum(self.low, low)
+        self.high = high if self.high is None else np.maximum(self.high, high)
+
+    def space(self, discrete: bool) -> dict[str, Any]:
+        from gymnasium import spaces
+
+        assert self.low is not None and self.high is not None
+        if discrete:
+            start = min(int(self.low[0]), 0)
+            return space_to_json(spaces.Discrete(int(self.high[0]) - start + 1, start=start))
+        return space_to_json(spaces.Box(self.low.astype(np.float32),
+                                        self.high.astype(np.float32), dtype=np.float32))
+
+
+def _episode_starts(table: pa.Table) -> np.ndarray:
+    episode = table.column(sc.EPISODE_ID).to_numpy()
+    return np.flatnonzero(np.r_[True, episode[1:] != episode[:-1]])
+
+
+def _check_replaceable(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not overwrite:
+        raise DatasetExistsError(f"{out}: already exists; pass overwrite (--overwrite) to "
+                                 f"replace it.")
+    if not out.is_dir() or not (out / CARD_NAME).is_file():
+        raise DatasetExistsError(f"{out}: exists and is not a dataset folder (no {CARD_NAME}); "
+                                 f"refusing to replace it.")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished `tmp` folder to `out`, replacing an existing dataset there."""
+    if out.exists():
+        old = out.parent / f"{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)
+            raise
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out)
+    _fsync_path(out.parent)
+
+
+def _complete_card(
+    card: Mapping[str, Any], out: Path, *, schema: pa.Schema, files: list[dict[str, Any]],
+    stats: dict[str, Any], action_space: dict[str, Any], filled: dict[str, bool], steps: int,
+) -> dict[str, Any]:
+    obs_dim, _ = sc.schema_dims(schema)
+    observation_space = card.get("observation_space")
+    if observation_space is None:
+        observation_space = {"type": "Box", "dtype": "float32", "shape": [obs_dim],
+                             "low": ["-inf"] * obs_dim, "high": ["inf"] * obs_dim}
+    propensity: dict[str, Any] = {}
+    given = card.get("propensity") or {}
+    for name in sc.PROPENSITY_COLUMNS:
+        entry = given.get(name)
+        if entry is not None and not filled[name]:
+            raise sc.DataError(f"{out}: column '{name}': the card names its source "
+                               f"({entry.get('source', entry)}) but the column is empty.")
+        if entry is None and filled[name]:
+            entry = {"source": "unspecified"}
+        propensity[name] = entry
+    episodes = sum(f["episodes"] for f in files)
+    full: dict[str, Any] = {
+        "schema_version": sc.SCHEMA_VERSION,
+        "name": card.get("name") or out.name,
+        "description": card.get("description", ""),
+        "observation_space": observation_space,
+        "action_space": action_space,
+        "env_spec": card.get("env_spec"),
+        "source": card.get("source", {}),
+        "behavior": card.get("behavior"),
+    }
+    full.update({k: v for k, v in card.items() if k not in full})
+    full.update({"counts": {"episodes": episodes, "steps": steps}, "files": files,
+                 "propensity": propensity, "stats": {**stats, **(card.get("stats") or {})}})
+    return full
+
+
+def write_dataset(
+    out: Path,
+    tables: Iterable[pa.Table | SourcedTable],
+    *,
+    card: Mapping[str, Any],
+    overwrite: bool = False,
+    rows_per_file: int = DEFAULT_ROWS_PER_FILE,
+    row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
+    compression: str = DEFAULT_COMPRESSION,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Validate and write a stream of whole-episode tables as a canonical dataset folder.
+
+    Each table is validated (`schema.validate_table`) against the card's action space, and
+    across tables: one schema, episode ids never reused, each propensity column filled in every
+    table or in none. The card is completed with `schema_version`, `counts`, `files` (name,
+    rows, episodes, bytes, sha256), `propensity` (`{"source": "unspecified"}` for a filled
+    column the card does not describe) and `stats` (episode length/return, propensity ranges);
+    a missing `observation_space` becomes an unbounded Box and a missing `action_space` is
+    inferred from the data (Discrete(max+1), or a Box of the observed bounds).
+
+    Args:
+        out: destination folder; its parent is created if needed.
+        tables: whole episodes, in order; a `SourcedTable` names its file in error messages.
+        card: card fields (see CONTRACTS.md: name, description, spaces, env_spec, source,
+            behavior, propensity).
+        overwrite: replace an existing dataset at `out` (atomically: the old one stays until
+            the new one is complete). A folder that is not a dataset is never replaced.
+        rows_per_file: target shard size; a shard closes at the first episode boundary past it.
+        row_group_size: Parquet row group size.
+        compression: Parquet codec.
+        progress: called with the number of rows of each table once it is written.
+
+    Returns:
+        `out`.
+
+    Raises:
+        DataError: invalid data (nothing is written).
+        DatasetExistsError: `out` exists and `overwrite` is False.
+    """
+    out = Path(out)
+    _check_replaceable(out, overwrite)
+    action_space_json = card.get("action_space")
+    action_space = space_from_json(action_space_json) if action_space_json else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    shards: _ShardWriter | None = None
+    try:
+        stats = StatsAccumulator()
+        actions = _ActionRange()
+        seen_ids = np.empty(0, dtype=np.int64)
+        filled: dict[str, bool] = {}
+        steps = 0
+        for item in tables:
+            table, source, offset = (item if isinstance(item, SourcedTable)
+                                     else (item, "input", steps))
+            sc.validate_table(table, source=source, action_space=action_space, row_offset=offset)
+            starts = _episode_starts(table)
+            if shards is None:
+                shards = _ShardWriter(tmp, table.schema, rows_per_file=rows_per_file,
+                                      row_group_size=row_group_size, compression=compression)
+            _check_consistent(table, shards.schema, source, offset)
+            ids = table.column(sc.EPISODE_ID).to_numpy()[starts]
+            reused = np.isin(ids, seen_ids)
+            if reused.any():
+                row = int(starts[np.flatnonzero(reused)[0]])
+                raise sc.DataError(f"{source}: column 'episode_id', row {row + offset}: episode "
+                                   f"{ids[reused][0]} appears again after other episodes (rows "
+                                   f"of an episode must be contiguous).")
+            seen_ids = np.union1d(seen_ids, ids)
+            for name in sc.PROPENSITY_COLUMNS:
+                now = table.column(name).null_count == 0
+                if filled.setdefault(name, now) != now:
+                    raise sc.DataError(f"{source}: column '{name}', row {offset}: is "
+                                       f"{'filled' if now else 'null'} here but "
+                                       f"{'null' if now else 'filled'} in earlier rows (a "
+                                       f"propensity column must be filled on every row or none).")
+            stats.update(table)
+            if action_space is None:
+                actions.add(table.column(sc.ACTION))
+            shards.add(table, starts)
+            steps += table.num_rows
+            if progress is not None:
+                progress(table.num_rows)
+        if shards is None:
+            raise sc.DataError(f"{card.get('name') or out}: the input has no rows (empty input).")
+        files = shards.finish()
+        discrete = shards.schema.field(sc.ACTION).type == pa.int64()
+        full_card = _complete_card(
+            card, out, schema=shards.schema, files=files, stats=stats.summary(),
+            action_space=action_space_json or actions.space(discrete), filled=filled, steps=steps)
+        card_path = tmp / CARD_NAME
+        card_path.write_text(json.dumps(full_card, indent=2, allow_nan=False) + "\n")
+        _fsync_path(card_path)
+        _fsync_path(tmp)
+        _replace(tmp, out)
+    except BaseException:
+        if shards is not None:
+            shards.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _check_consistent(table: pa.Table, schema: pa.Schema, source: str, offset: int) -> None:
+    if table.schema.equals(schema):
+        return
+    for field in schema:
+        actual = table.schema.field(field.name).type
+        if actual != field.type:
+            problem = ("inconsistent observation dimension" if field.name in (sc.OBS, sc.NEXT_OBS)
+                       else "inconsistent type")
+            raise sc.DataError(f"{source}: column '{field.name}', row {offset}: {problem}: "
+                               f"{sc.type_name(actual)} here but {sc.type_name(field.type)} in "
+                               f"earlier rows.")
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def read_card(path: Path) -> dict[str, Any]:
+    """The `dataset.json` card of the dataset folder `path` (or the card file itself).
+
+    Raises:
+        FileNotFoundError: no such folder or card.
+        DataError: the card is not valid JSON or has an unsupported schema version.
+    """
+    path = Path(path)
+    card_path = path if path.name == CARD_NAME and path.is_file() else path / CARD_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such dataset folder.")
+    if not card_path.is_file():
+        raise FileNotFoundError(f"{path}: no {CARD_NAME} here (not a dataset written by "
+                                f"offpg ingest).")
+    try:
+        card = json.loads(card_path.read_text())
+    except json.JSONDecodeError as err:
+        raise sc.DataError(f"{card_path}: not valid JSON ({err.msg}, line {err.lineno}).") from None
+    version = card.get("schema_version")
+    if version != sc.SCHEMA_VERSION:
+        raise sc.DataError(f"{card_path}: schema_version {version!r} is not supported (this "
+                           f"version reads {sc.SCHEMA_VERSION}).")
+    return card
+
+
+def dataset_files(path: Path) -> list[Path]:
+    """The Parquet shards of a dataset, in the card's order (episode order).
+
+    Raises:
+        FileNotFoundError: the card or a shard it lists is missing.
+    """
+    path = Path(path)
+    files = [path / entry["name"] for entry in read_card(path)["files"]]
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: listed in {path / CARD_NAME} but missing.")
+    return files
+
+
+def iter_record_batches(
+    path: Path, columns: Sequence[str] | None = None, *, batch_size: int = DEFAULT_ROW_GROUP_SIZE,
+) -> Iterator[pa.RecordBatch]:
+    """Stream a dataset's rows in order (episodes may span two consecutive batches).
+
+    Args:
+        path: dataset folder.
+        columns: column names to read (default: all).
+        batch_size: maximum rows per batch.
+    """
+    files = dataset_files(path)
+    dataset = pads.dataset([str(f) for f in files], format="parquet")
+    names = list(columns) if columns is not None else None
+    yield from dataset.to_batches(columns=names, batch_size=batch_size)
+
+
+def read_table(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
+    """A whole dataset (or some columns) as one Arrow table, rows in order."""
+    files = dataset_files(path)
+    dataset = pads.dataset([str(f) for f in files], format="parquet")
+    return dataset.to_table(columns=list(columns) if columns is not None else None)
+
+
+def verify_dataset(path: Path) -> list[str]:
+    """Recompute each shard's sha256, row count and schema against the card.
+
+    Returns:
+        One sentence per problem found; empty when the dataset matches its card.
+    """
+    path = Path(path)
+    card = read_card(path)
+    problems: list[str] = []
+    listed = {entry["name"] for entry in card["files"]}
+    for extra in sorted(p.name for p in path.glob("*.parquet") if p.name not in listed):
+        problems.append(f"{path / extra}: not listed in the card.")
+    rows = 0
+    for entry in card["files"]:
+        file = path / entry["name"]
+        if not file.is_file():
+            problems.append(f"{file}: listed in the card but missing.")
+            continue
+        sha = file_sha256(file)
+        if sha != entry["sha256"]:
+            problems.append(f"{file}: sha256 {sha} differs from the card's {entry['sha256']}.")
+            continue
+        metadata = pq.read_metadata(file)
+        if metadata.num_rows != entry["rows"]:
+            problems.append(f"{file}: {metadata.num_rows} rows, the card says {entry['rows']}.")
+        rows += metadata.num_rows
+    if not problems and rows != card["counts"]["steps"]:
+        problems.append(f"{path}: {rows} rows in all shards, the card counts "
+                        f"{card['counts']['steps']} steps.")
+    return problems
+
+
+def dataset_digest(path: Path) -> str:
+    """A short content digest of a dataset: sha256 over its shards' sha256 (from the card)."""
+    card = read_card(path)
+    digest = hashlib.sha256("".join(f["sha256"] for f in card["files"]).encode())
+    return digest.hexdigest()[:16]
