@@ -47,6 +47,39 @@ def fail(message: str) -> NoReturn:
 # --- data commands (ingest minari, ingest parquet, info) ---
 
 
+@ingest_app.command("minari")
+def ingest_minari_command(
+    dataset: Annotated[str, typer.Argument(help="Minari dataset id (local store) or folder.")],
+    out: Annotated[Path, typer.Option(help="Output dataset folder.")],
+    download: Annotated[bool, typer.Option(help="Download the id first (needs network).")] = False,
+    propensity_key: Annotated[str | None, typer.Option(
+        help="Info key holding π_β(a|s) (nested: a/b); default: a recognised name.")] = None,
+    propensity_kind: Annotated[str | None, typer.Option(
+        help="prob or logp; default: from the key's name.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset at --out.")] = False,
+) -> None:
+    """Convert a Minari dataset (arrow or hdf5) into the canonical Parquet format."""
+    import warnings
+
+    from offpg_offline.data.minari import ingest_minari
+    from offpg_offline.data.store import read_card
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            path = ingest_minari(dataset, out, download=download, propensity_key=propensity_key,
+                                 propensity_kind=propensity_kind, overwrite=overwrite)
+        except (ValueError, FileNotFoundError) as err:
+            fail(str(err))
+    for warning in caught:  # ours only; minari's own warnings are about its metadata
+        if str(warning.message).startswith("Minari dataset"):
+            typer.secho(f"warning: {warning.message}", err=True, fg="yellow")
+    card = read_card(path)
+    logged = card["propensity"]["logged_logp"]
+    typer.echo(f"wrote {path}: {card['counts']['episodes']} episodes, {card['counts']['steps']} "
+               f"steps; logged_logp: {logged['source'] if logged else 'none (no propensity)'}")
+
+
 # --- train command ---
 
 
