@@ -52,7 +52,23 @@ LOGP_TOLERANCE = 1e-6
 
 
 class DataError(ValueError):
-    """A dataset or input log violates the canonical schema; the message is one sentence."""
+    """A dataset or input log violates the canonical schema; the message is one sentence.
+
+    Errors about one place in the data also carry `source`, `column`, `row` and `problem`, so an
+    ingest adapter can name the user's own file, column and row (`DataError.at`).
+    """
+
+    def __init__(self, message: str, *, source: str | None = None, column: str | None = None,
+                 row: int | None = None, problem: str | None = None) -> None:
+        super().__init__(message)
+        self.source, self.column, self.row, self.problem = source, column, row, problem
+
+    @classmethod
+    def at(cls, source: str, column: str, row: int | None, problem: str) -> DataError:
+        """`"<source>: column '<column>', row <row>: <problem>."` (row omitted when None)."""
+        place = f"column '{column}'" if row is None else f"column '{column}', row {row}"
+        return cls(f"{source}: {place}: {problem}.", source=source, column=column, row=row,
+                   problem=problem)
 
 
 def make_schema(obs_dim: int, action_dim: int | None) -> pa.Schema:
@@ -158,10 +174,8 @@ class _Where:
         self.source, self.offset = source, offset
 
     def fail(self, column: str, row: int | None, problem: str) -> DataError:
-        place = f"column '{column}'"
-        if row is not None:
-            place += f", row {row + self.offset}"
-        return DataError(f"{self.source}: {place}: {problem}.")
+        return DataError.at(self.source, column, None if row is None else row + self.offset,
+                            problem)
 
 
 def type_name(dtype: pa.DataType) -> str:

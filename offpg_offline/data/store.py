@@ -38,15 +38,38 @@ class DatasetExistsError(FileExistsError, ValueError):
 
 
 class SourcedTable(NamedTuple):
-    """A table of whole episodes with the file it came from and its first row's number there.
+    """A table of whole episodes with where its rows came from, for error messages.
 
     `write_dataset` accepts these in place of bare tables, so validation messages name the
-    user's file and row instead of the writer's running row count.
+    user's file, column and row instead of the writer's running row count.
+
+    Attributes:
+        table: schema-v1 rows.
+        source: the file named in messages.
+        row_offset: the number in `source` of the table's first row.
+        locate: maps a row of `table` to (file, row in that file); overrides `source` and
+            `row_offset` (a table may hold rows of two files when an episode spans them).
+        labels: canonical column → the user's column name(s), shown in messages.
     """
 
     table: pa.Table
     source: str
     row_offset: int = 0
+    locate: Callable[[int], tuple[str, int]] | None = None
+    labels: Mapping[str, str] | None = None
+
+    def relocate(self, err: sc.DataError) -> sc.DataError:
+        """`err` (about a row of `table`, counted from `row_offset`) in the user's terms."""
+        if err.column is None or err.problem is None:
+            return err
+        column = err.column
+        label = (self.labels or {}).get(column)
+        if label is not None and label != column:
+            column = f"{label}' ('{column}"  # → column 'state' ('obs')
+        source, row = err.source or self.source, err.row
+        if row is not None and self.locate is not None:
+            source, row = self.locate(row - self.row_offset)
+        return sc.DataError.at(source, column, row, err.problem)
 
 
 # --- streaming statistics ----------------------------------------------------------------------
@@ -268,9 +291,15 @@ class _ActionRange:
         self.low: np.ndarray | None = None
         self.high: np.ndarray | None = None
 
-    def add(self, column: pa.ChunkedArray) -> None:
+    def add(self, column: pa.ChunkedArray, source: str, offset: int) -> None:
         if column.type == pa.int64():
             values = column.to_numpy().reshape(-1, 1)
+            negative = values[:, 0] < 0
+            if negative.any():
+                row = int(np.flatnonzero(negative)[0])
+                raise sc.DataError.at(source, sc.ACTION, row + offset,
+                                      f"discrete action {values[row, 0]} is negative: give the "
+                                      f"action space explicitly (e.g. Discrete with a start)")
         else:
             values = sc.vector_values(column)
         low, high = values.min(axis=0), values.max(axis=0)
@@ -281,9 +310,8 @@ class _ActionRange:
         from gymnasium import spaces
 
         assert self.low is not None and self.high is not None
-        if discrete:
-            start = min(int(self.low[0]), 0)
-            return space_to_json(spaces.Discrete(int(self.high[0]) - start + 1, start=start))
+        if discrete:  # Discrete(n = max + 1); negative actions were refused in `add`
+            return space_to_json(spaces.Discrete(int(self.high[0]) + 1))
         return space_to_json(spaces.Box(self.low.astype(np.float32),
                                         self.high.astype(np.float32), dtype=np.float32))
 
@@ -409,36 +437,35 @@ def write_dataset(
     try:
         stats = StatsAccumulator()
         actions = _ActionRange()
-        seen_ids = np.empty(0, dtype=np.int64)
+        seen_ids = _SeenEpisodes()
         filled: dict[str, bool] = {}
         steps = 0
         for item in tables:
-            table, source, offset = (item if isinstance(item, SourcedTable)
-                                     else (item, "input", steps))
-            sc.validate_table(table, source=source, action_space=action_space, row_offset=offset)
-            starts = _episode_starts(table)
-            if shards is None:
-                shards = _ShardWriter(tmp, table.schema, rows_per_file=rows_per_file,
-                                      row_group_size=row_group_size, compression=compression)
-            _check_consistent(table, shards.schema, source, offset)
-            ids = table.column(sc.EPISODE_ID).to_numpy()[starts]
-            reused = np.isin(ids, seen_ids)
-            if reused.any():
-                row = int(starts[np.flatnonzero(reused)[0]])
-                raise sc.DataError(f"{source}: column 'episode_id', row {row + offset}: episode "
-                                   f"{ids[reused][0]} appears again after other episodes (rows "
-                                   f"of an episode must be contiguous).")
-            seen_ids = np.union1d(seen_ids, ids)
-            for name in sc.PROPENSITY_COLUMNS:
-                now = table.column(name).null_count == 0
-                if filled.setdefault(name, now) != now:
-                    raise sc.DataError(f"{source}: column '{name}', row {offset}: is "
-                                       f"{'filled' if now else 'null'} here but "
-                                       f"{'null' if now else 'filled'} in earlier rows (a "
-                                       f"propensity column must be filled on every row or none).")
+            sourced = item if isinstance(item, SourcedTable) else SourcedTable(item, "input",
+                                                                               steps)
+            table, source, offset = sourced.table, sourced.source, sourced.row_offset
+            try:
+                sc.validate_table(table, source=source, action_space=action_space,
+                                  row_offset=offset)
+                if shards is None:
+                    shards = _ShardWriter(tmp, table.schema, rows_per_file=rows_per_file,
+                                          row_group_size=row_group_size, compression=compression)
+                starts = _episode_starts(table)
+                _check_consistent(table, shards.schema, source, offset)
+                seen_ids.check(table.column(sc.EPISODE_ID).to_numpy()[starts], starts, source,
+                               offset)
+                for name in sc.PROPENSITY_COLUMNS:
+                    now = table.column(name).null_count == 0
+                    if filled.setdefault(name, now) != now:
+                        raise sc.DataError.at(
+                            source, name, offset, f"is {'filled' if now else 'null'} here but "
+                            f"{'null' if now else 'filled'} in earlier rows (a propensity column "
+                            f"must be filled on every row or none)")
+                if action_space is None:
+                    actions.add(table.column(sc.ACTION), source, offset)
+            except sc.DataError as err:
+                raise sourced.relocate(err) from None
             stats.update(table)
-            if action_space is None:
-                actions.add(table.column(sc.ACTION))
             shards.add(table, starts)
             steps += table.num_rows
             if progress is not None:
@@ -471,9 +498,38 @@ def _check_consistent(table: pa.Table, schema: pa.Schema, source: str, offset: i
         if actual != field.type:
             problem = ("inconsistent observation dimension" if field.name in (sc.OBS, sc.NEXT_OBS)
                        else "inconsistent type")
-            raise sc.DataError(f"{source}: column '{field.name}', row {offset}: {problem}: "
-                               f"{sc.type_name(actual)} here but {sc.type_name(field.type)} in "
-                               f"earlier rows.")
+            raise sc.DataError.at(source, field.name, offset,
+                                  f"{problem}: {sc.type_name(actual)} here but "
+                                  f"{sc.type_name(field.type)} in earlier rows")
+
+
+class _SeenEpisodes:
+    """Episode ids written so far, to refuse an id that comes back in a later table.
+
+    Ids usually increase: then a new table is checked against the running maximum in O(1); the
+    full set (8 bytes per episode) is sorted and searched only when ids go down.
+    """
+
+    def __init__(self) -> None:
+        self._parts: list[np.ndarray] = []
+        self._max: int | None = None
+
+    def check(self, ids: np.ndarray, starts: np.ndarray, source: str, offset: int) -> None:
+        if self._max is not None and len(ids) and int(ids.min()) <= self._max:
+            seen = np.concatenate(self._parts)
+            seen.sort()
+            position = np.clip(np.searchsorted(seen, ids), 0, len(seen) - 1)
+            reused = seen[position] == ids
+            if reused.any():
+                first = int(np.flatnonzero(reused)[0])
+                raise sc.DataError.at(source, sc.EPISODE_ID, int(starts[first]) + offset,
+                                      f"episode {ids[first]} appears again after other episodes "
+                                      f"(rows of an episode must be contiguous)")
+            self._parts = [seen]
+        self._parts.append(ids.copy())
+        if len(ids):
+            top = int(ids.max())
+            self._max = top if self._max is None else max(self._max, top)
 
 
 # --- reading ---------------------------------------------------------------------------------
