@@ -93,7 +93,7 @@ def discounted_returns(reward: Tensor, episode_start: Tensor, gamma: float) -> T
     check_episode_start(episode_start)
     check_gamma(gamma)
     total = reward.double()
-    factor = torch.where(episode_last(episode_start), 0.0, gamma).to(total)
+    factor = torch.full_like(total, gamma).masked_fill(episode_last(episode_start), 0.0)
     m = total.shape[0]
     longest = int(torch.diff(torch.nonzero(torch.cat(
         [episode_start, episode_start.new_ones(1)])).flatten()).max())

@@ -477,7 +477,8 @@ def past_weight_surrogate(
     `standardize_returns` standardises G_t − b_t over the batch's steps; `psis` Pareto-smooths
     the M cumulative weights; `ppo_epsilon` = ε switches to the ratio form
     −(1/N) Σ Σ_t γ^t sg(w_{1:t−1}) min(ρ_t A_t, clip(ρ_t, 1−ε, 1+ε) A_t), which has the same
-    gradient while ρ_t stays within [1−ε, 1+ε] and none beyond (Schulman et al. 2017);
+    gradient while ρ_t stays within [1−ε, 1+ε] and none beyond (Schulman et al. 2017; in
+    "step" clip mode ρ_t is first capped at c, and sg(w_{1:t−1}) carries the clip and PSIS);
     `returns` [M] replaces the G_t computed from `reward`.
 
     Args:
@@ -517,7 +518,11 @@ def past_weight_surrogate(
         terms = x.discount * log_w.exp() * x.target_logp.double() * advantage
     else:
         previous = torch.where(x.episode_start, 0.0, torch.roll(log_w, 1)).exp()
-        terms = x.discount * previous * _ppo_term(x.log_rho.exp(), advantage, ppo_epsilon)
+        log_rho = x.log_rho
+        if clip is not None and clip_mode == "step":
+            log_rho = log_rho.clamp_max(math.log(clip))
+        ratio = _finish_log_weight(log_rho).exp()
+        terms = x.discount * previous * _ppo_term(ratio, advantage, ppo_epsilon)
     return _reduce(terms, x, reduction)
 
 
