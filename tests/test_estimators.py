@@ -592,7 +592,7 @@ def test_kl_penalty_is_unbiased_on_a_bandit() -> None:
     terms = rho * rho.log() - rho + 1
     assert (terms >= 0).all()
     assert abs(float(estimate.detach()) - float(exact.detach())) < 4 * float(terms.std()) / n**0.5
-    assert kl_to_behavior(logp, behavior.log()[action]) == pytest.approx(float(estimate))
+    assert kl_to_behavior(logp, behavior.log()[action]) == pytest.approx(float(estimate.detach()))
     # Per-sample gradient: d/dlogits of term_i = ρ_i log ρ_i (onehot(a_i) − π).
     score = torch.nn.functional.one_hot(action, 4).to(F64) - target.detach()
     per_sample = (rho * rho.log())[:, None] * score

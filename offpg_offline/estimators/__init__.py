@@ -30,15 +30,17 @@ from offpg_offline.estimators.segments import (
 )
 from offpg_offline.estimators.surrogates import (
     ESTIMATORS,
-    MAX_LOG_RATIO,
-    MAX_LOG_WEIGHT,
     Surrogate,
-    cumulative_log_weight,
-    log_ratio,
     past_weight_surrogate,
     per_decision_surrogate,
     per_step_surrogate,
     trajectory_surrogate,
+)
+from offpg_offline.estimators.weights import (
+    MAX_LOG_RATIO,
+    MAX_LOG_WEIGHT,
+    cumulative_log_weight,
+    log_ratio,
 )
 
 __all__ = [

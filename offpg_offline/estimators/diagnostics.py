@@ -16,7 +16,7 @@ from torch import Tensor
 
 from offpg_offline.estimators.psis import psis_khat
 from offpg_offline.estimators.segments import check_episode_start, check_flat, episode_sum
-from offpg_offline.estimators.surrogates import (
+from offpg_offline.estimators.weights import (
     MAX_LOG_WEIGHT,
     ClipModeName,
     cumulative_log_weight,

@@ -38,23 +38,23 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
-from offpg_offline.estimators.psis import pareto_smooth
 from offpg_offline.estimators.segments import (
     check_episode_start,
     check_flat,
     check_gamma,
     discounted_returns,
-    episode_last,
     episode_sum,
     segmented_cumsum,
 )
+from offpg_offline.estimators.weights import (
+    ClipModeName,
+    cap_log_weight,
+    check_clip,
+    log_ratio,
+    position_log_normaliser,
+    smooth_log_weight,
+)
 
-MAX_LOG_WEIGHT = 80.0
-"""Numerical cap on every log importance weight (w ≤ e^80 ≈ 5.5e34; float32 holds 3.4e38)."""
-MAX_LOG_RATIO = 700.0
-"""Numerical cap on |log ρ_t| so segmented sums stay finite (±inf log-probabilities)."""
-
-ClipModeName = Literal["step", "cumulative"]
 Reduction = Literal["mean", "none"]
 
 
@@ -80,66 +80,6 @@ class Surrogate(Protocol):
         returns: Tensor | None = None,
         reduction: Reduction = "mean",
     ) -> Tensor: ...
-
-
-def log_ratio(target_logp: Tensor, behavior_logp: Tensor) -> Tensor:
-    r"""Per-step log importance ratio log ρ_t = log π_θ(a_t|s_t) − log π_β(a_t|s_t), float64.
-
-    `behavior_logp` (the logging policy π_β) is detached: no gradient ever reaches it.
-    The result is clamped to ±`MAX_LOG_RATIO` so that ±inf log-probabilities stay finite.
-
-    Args:
-        target_logp: log π_θ(a_t|s_t) of the policy being trained, [M], differentiable.
-        behavior_logp: log π_β(a_t|s_t) of the logging policy, [M].
-
-    Returns:
-        [M] float64 tensor.
-    """
-    check_flat(target_logp=target_logp, behavior_logp=behavior_logp)
-    diff = target_logp.double() - behavior_logp.detach().double()
-    return diff.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
-
-
-def cumulative_log_weight(
-    target_logp: Tensor,
-    behavior_logp: Tensor,
-    episode_start: Tensor,
-    *,
-    clip: float | None = None,
-    clip_mode: ClipModeName = "step",
-) -> Tensor:
-    r"""Cumulative log-weight log w_{1:t} = Σ_{k ≤ t} log ρ_k within each episode, float64 [M].
-
-    With `clip` = c: `clip_mode="step"` caps each ρ_k at c before the product,
-    log w_{1:t} = Σ_k min(log ρ_k, log c); `"cumulative"` caps the product,
-    min(log w_{1:t}, log c). Both via min, so unclipped entries keep their gradient.
-
-    Args:
-        target_logp: log π_θ(a_t|s_t), [M], differentiable.
-        behavior_logp: log π_β(a_t|s_t), [M]; detached.
-        episode_start: [M] bool, True on each episode's first row.
-        clip: weight cap c > 0, or None.
-        clip_mode: "step" or "cumulative".
-
-    Returns:
-        [M] float64 tensor.
-    """
-    check_flat(target_logp=target_logp, behavior_logp=behavior_logp, episode_start=episode_start)
-    _check_clip(clip, clip_mode)
-    log_rho = log_ratio(target_logp, behavior_logp)
-    if clip is not None and clip_mode == "step":
-        log_rho = log_rho.clamp_max(math.log(clip))
-    log_w = segmented_cumsum(log_rho, episode_start)
-    if clip is not None and clip_mode == "cumulative":
-        log_w = log_w.clamp_max(math.log(clip))
-    return log_w
-
-
-def _check_clip(clip: float | None, clip_mode: str) -> None:
-    if clip_mode not in ("step", "cumulative"):
-        raise ValueError(f"clip_mode must be 'step' or 'cumulative', got {clip_mode!r}")
-    if clip is not None and not clip > 0:
-        raise ValueError(f"clip must be positive, got {clip}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +117,7 @@ def _prepare(
                episode_start=episode_start, baseline=baseline_tensor, returns=returns)
     check_episode_start(episode_start)
     check_gamma(gamma)
-    _check_clip(clip, clip_mode)
+    check_clip(clip, clip_mode)
     if ppo_epsilon is not None and not 0.0 < ppo_epsilon < 1.0:
         raise ValueError(f"ppo_epsilon must lie in (0, 1), got {ppo_epsilon}")
     if reduction not in ("mean", "none"):
@@ -214,45 +154,10 @@ def _standardize(advantage: Tensor) -> tuple[Tensor, Tensor]:
     return advantage.mean(), advantage.std(correction=0).clamp_min(1e-8)
 
 
-def _smooth(log_weight: Tensor) -> Tensor:
-    """log w̃ = log w + sg(log PSIS(w) − log w): smoothed values, raw gradient direction."""
-    smoothed, _ = pareto_smooth(log_weight.detach())
-    return log_weight + (smoothed - log_weight.detach())
-
-
-def _scatter_logsumexp(values: Tensor, index: Tensor, size: int) -> Tensor:
-    """log Σ_{i: index_i = j} exp(values_i) for j < size (−inf where empty); stable."""
-    shift = torch.full((size,), -math.inf, dtype=values.dtype, device=values.device)
-    shift = shift.scatter_reduce(0, index, values.detach(), reduce="amax")
-    safe = torch.where(torch.isfinite(shift), shift, 0.0)
-    sums = torch.zeros(size, dtype=values.dtype, device=values.device)
-    sums = sums.index_add(0, index, torch.exp(values - safe[index]))
-    return safe + torch.log(sums)
-
-
-def _per_position_log_normaliser(log_w: Tensor, x: _Inputs) -> Tensor:
-    r"""log n_t per row, n_t = (1/N) Σ_i w_{i, min(t, T_i − 1)} (WPDIS; Precup et al. 2000).
-
-    Episodes that ended before position t carry their final weight (an absorbing state whose
-    action probability is 1 under both policies), so n_t averages over all N episodes.
-    """
-    length = int(x.position.max()) + 1
-    alive = _scatter_logsumexp(log_w, x.position, length)
-    last = episode_last(x.episode_start)
-    ended_at = _scatter_logsumexp(log_w[last], x.position[last] + 1, length + 1)[:length]
-    ended = torch.logcumsumexp(ended_at, dim=0)
-    total = torch.logaddexp(alive, ended) - math.log(x.n_episodes)
-    return total[x.position]
-
-
 def _reduce(step_terms: Tensor, x: _Inputs, reduction: str) -> Tensor:
     per_episode = -episode_sum(step_terms, x.episode_start)
     loss = per_episode if reduction == "none" else per_episode.mean()
     return loss.to(x.target_logp.dtype if x.target_logp.is_floating_point() else torch.float64)
-
-
-def _finish_log_weight(log_w: Tensor) -> Tensor:
-    return log_w.clamp_max(MAX_LOG_WEIGHT)
 
 
 def _no_ppo(name: str, ppo_epsilon: float | None) -> None:
@@ -330,10 +235,10 @@ def trajectory_surrogate(
     if clip is not None and clip_mode == "cumulative":
         log_w = log_w.clamp_max(math.log(clip))
     if psis:
-        log_w = _smooth(log_w)
+        log_w = smooth_log_weight(log_w)
     if self_normalize:
         log_w = log_w - (torch.logsumexp(log_w, dim=0) - math.log(x.n_episodes))
-    weight = _finish_log_weight(log_w).exp()
+    weight = cap_log_weight(log_w).exp()
     if x.returns is not None:
         episode_return = x.returns[x.episode_start]
     else:
@@ -416,10 +321,10 @@ def per_decision_surrogate(
                  returns=returns, reduction=reduction)
     log_w = _cumulative(x, clip, clip_mode)
     if psis:
-        log_w = _smooth(log_w)
+        log_w = smooth_log_weight(log_w)
     if self_normalize:
-        log_w = log_w - _per_position_log_normaliser(log_w, x)
-    weight = _finish_log_weight(log_w).exp()
+        log_w = log_w - position_log_normaliser(log_w, x.episode_start, x.position)
+    weight = cap_log_weight(log_w).exp()
     previous = torch.where(x.episode_start, 1.0, torch.roll(weight, 1))
     base, scale = x.baseline, torch.ones((), dtype=torch.float64)
     if standardize_returns:
@@ -506,10 +411,10 @@ def past_weight_surrogate(
                  returns=returns, reduction=reduction)
     log_w = _cumulative(x, clip, clip_mode).detach()
     if psis:
-        log_w = _smooth(log_w)
+        log_w = smooth_log_weight(log_w)
     if self_normalize:
-        log_w = log_w - _per_position_log_normaliser(log_w, x)
-    log_w = _finish_log_weight(log_w)
+        log_w = log_w - position_log_normaliser(log_w, x.episode_start, x.position)
+    log_w = cap_log_weight(log_w)
     advantage = _returns(x, gamma) - x.baseline
     if standardize_returns:
         mean, std = _standardize(advantage)
@@ -521,7 +426,7 @@ def past_weight_surrogate(
         log_rho = x.log_rho
         if clip is not None and clip_mode == "step":
             log_rho = log_rho.clamp_max(math.log(clip))
-        ratio = _finish_log_weight(log_rho).exp()
+        ratio = cap_log_weight(log_rho).exp()
         terms = x.discount * previous * _ppo_term(ratio, advantage, ppo_epsilon)
     return _reduce(terms, x, reduction)
 
@@ -590,10 +495,10 @@ def per_step_surrogate(
     if clip is not None:
         log_rho = log_rho.clamp_max(math.log(clip))
     if psis:
-        log_rho = _smooth(log_rho)
+        log_rho = smooth_log_weight(log_rho)
     if self_normalize:
         log_rho = log_rho - (torch.logsumexp(log_rho, dim=0) - math.log(log_rho.shape[0]))
-    ratio = _finish_log_weight(log_rho).exp()
+    ratio = cap_log_weight(log_rho).exp()
     advantage = _returns(x, gamma) - x.baseline
     if standardize_returns:
         mean, std = _standardize(advantage)

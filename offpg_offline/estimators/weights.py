@@ -1,0 +1,120 @@
+"""Log importance weights: ratios, segmented products, caps, normalisers and smoothing.
+
+All in log space and float64. `behavior_logp` (π_β, the logging policy) is always detached.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from offpg_offline.estimators.psis import pareto_smooth
+from offpg_offline.estimators.segments import check_flat, episode_last, segmented_cumsum
+
+MAX_LOG_WEIGHT = 80.0
+"""Numerical cap on every log importance weight (w ≤ e^80 ≈ 5.5e34; float32 holds 3.4e38)."""
+MAX_LOG_RATIO = 700.0
+"""Numerical cap on |log ρ_t| so segmented sums stay finite (±inf log-probabilities)."""
+
+ClipModeName = Literal["step", "cumulative"]
+
+
+def log_ratio(target_logp: Tensor, behavior_logp: Tensor) -> Tensor:
+    r"""Per-step log importance ratio log ρ_t = log π_θ(a_t|s_t) − log π_β(a_t|s_t), float64.
+
+    `behavior_logp` (the logging policy π_β) is detached: no gradient ever reaches it.
+    The result is clamped to ±`MAX_LOG_RATIO` so that ±inf log-probabilities stay finite.
+
+    Args:
+        target_logp: log π_θ(a_t|s_t) of the policy being trained, [M], differentiable.
+        behavior_logp: log π_β(a_t|s_t) of the logging policy, [M].
+
+    Returns:
+        [M] float64 tensor.
+    """
+    check_flat(target_logp=target_logp, behavior_logp=behavior_logp)
+    diff = target_logp.double() - behavior_logp.detach().double()
+    return diff.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+
+
+def cumulative_log_weight(
+    target_logp: Tensor,
+    behavior_logp: Tensor,
+    episode_start: Tensor,
+    *,
+    clip: float | None = None,
+    clip_mode: ClipModeName = "step",
+) -> Tensor:
+    r"""Cumulative log-weight log w_{1:t} = Σ_{k ≤ t} log ρ_k within each episode, float64 [M].
+
+    With `clip` = c: `clip_mode="step"` caps each ρ_k at c before the product,
+    log w_{1:t} = Σ_k min(log ρ_k, log c); `"cumulative"` caps the product,
+    min(log w_{1:t}, log c). Both via min, so unclipped entries keep their gradient.
+
+    Args:
+        target_logp: log π_θ(a_t|s_t), [M], differentiable.
+        behavior_logp: log π_β(a_t|s_t), [M]; detached.
+        episode_start: [M] bool, True on each episode's first row.
+        clip: weight cap c > 0, or None.
+        clip_mode: "step" or "cumulative".
+
+    Returns:
+        [M] float64 tensor.
+    """
+    check_flat(target_logp=target_logp, behavior_logp=behavior_logp, episode_start=episode_start)
+    check_clip(clip, clip_mode)
+    log_rho = log_ratio(target_logp, behavior_logp)
+    if clip is not None and clip_mode == "step":
+        log_rho = log_rho.clamp_max(math.log(clip))
+    log_w = segmented_cumsum(log_rho, episode_start)
+    if clip is not None and clip_mode == "cumulative":
+        log_w = log_w.clamp_max(math.log(clip))
+    return log_w
+
+
+def check_clip(clip: float | None, clip_mode: str) -> None:
+    """Raise ValueError unless clip_mode is known and clip is None or positive."""
+    if clip_mode not in ("step", "cumulative"):
+        raise ValueError(f"clip_mode must be 'step' or 'cumulative', got {clip_mode!r}")
+    if clip is not None and not clip > 0:
+        raise ValueError(f"clip must be positive, got {clip}")
+
+
+def smooth_log_weight(log_weight: Tensor) -> Tensor:
+    """log w̃ = log w + sg(log PSIS(w) − log w): PSIS values with the raw weight's gradient."""
+    smoothed, _ = pareto_smooth(log_weight.detach())
+    return log_weight + (smoothed - log_weight.detach())
+
+
+def scatter_logsumexp(values: Tensor, index: Tensor, size: int) -> Tensor:
+    """log Σ_{i: index_i = j} exp(values_i) for j < size (−inf where empty), overflow-free."""
+    shift = torch.full((size,), -math.inf, dtype=values.dtype, device=values.device)
+    shift = shift.scatter_reduce(0, index, values.detach(), reduce="amax")
+    safe = torch.where(torch.isfinite(shift), shift, 0.0)
+    sums = torch.zeros(size, dtype=values.dtype, device=values.device)
+    sums = sums.index_add(0, index, torch.exp(values - safe[index]))
+    return safe + torch.log(sums)
+
+
+def position_log_normaliser(log_w: Tensor, episode_start: Tensor, position: Tensor) -> Tensor:
+    r"""log n_t per row, n_t = (1/N) Σ_i w_{i, min(t, T_i − 1)} (WPDIS; Precup et al. 2000).
+
+    `position` is each row's index within its episode. Episodes that ended before position t
+    carry their final weight (an absorbing state whose action probability is 1 under both
+    policies), so n_t averages over all N episodes; computed with scatter/logcumsumexp.
+    """
+    length = int(position.max()) + 1
+    alive = scatter_logsumexp(log_w, position, length)
+    last = episode_last(episode_start)
+    ended_at = scatter_logsumexp(log_w[last], position[last] + 1, length + 1)[:length]
+    ended = torch.logcumsumexp(ended_at, dim=0)
+    total = torch.logaddexp(alive, ended) - math.log(int(episode_start.sum()))
+    return total[position]
+
+
+def cap_log_weight(log_w: Tensor) -> Tensor:
+    """min(log w, `MAX_LOG_WEIGHT`): the numerical guard applied after every option."""
+    return log_w.clamp_max(MAX_LOG_WEIGHT)
