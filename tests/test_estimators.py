@@ -703,3 +703,53 @@ def test_returns_argument_replaces_the_computed_returns() -> None:
         per_decision_surrogate(**log, gamma=0.9, returns=returns)
     torch.testing.assert_close(_call("trajectory", log),
                                trajectory_surrogate(**log, gamma=0.9, returns=returns))
+
+
+def test_psis_option_uses_the_smoothed_weights_with_the_raw_gradient_direction() -> None:
+    # 400 one-step episodes with heavy-tailed weights (log w ~ 2·N(0, 1)): PSIS changes the top
+    # tail. Loss = −mean(w̃_i R_i) with w̃ = pareto_smooth(log w), and d L / d log π_i = −w̃_i R_i / N
+    # (the smoothed value times the raw weight's d log w / d log π = 1).
+    gen = torch.Generator().manual_seed(13)
+    n = 400
+    log = {"target_logp": 2 * torch.randn(n, generator=gen, dtype=F64) - 3.0,
+           "behavior_logp": torch.full((n,), -3.0, dtype=F64),
+           "reward": torch.rand(n, generator=gen, dtype=F64) + 0.5,
+           "step": torch.zeros(n, dtype=torch.long),
+           "episode_start": torch.ones(n, dtype=torch.bool)}
+    smoothed, khat = pareto_smooth(log["target_logp"] - log["behavior_logp"])
+    assert math.isfinite(khat)
+    assert not torch.allclose(smoothed, log["target_logp"] - log["behavior_logp"])
+    target = log["target_logp"].clone().requires_grad_()
+    loss = trajectory_surrogate(**{**log, "target_logp": target}, gamma=1.0, psis=True)
+    (grad,) = torch.autograd.grad(loss, target)
+    torch.testing.assert_close(loss, -(smoothed.exp() * log["reward"]).mean())
+    torch.testing.assert_close(grad, -smoothed.exp() * log["reward"] / n)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_self_normalised_trajectory_estimate_stays_within_the_returns(seed: int) -> None:
+    # OBP-style property: WIS is a convex combination of the episode returns.
+    lengths = [3, 5, 1, 4, 6, 2]
+    log = _flat_log(lengths, seed=20 + seed, scale=3.0)
+    estimate = -trajectory_surrogate(**log, gamma=0.95, self_normalize=True)
+    returns = episode_sum(0.95 ** log["step"].to(F64) * log["reward"], log["episode_start"])
+    assert float(returns.min()) - 1e-12 <= float(estimate) <= float(returns.max()) + 1e-12
+
+
+def test_weight_diagnostics_levels() -> None:
+    log = _flat_log([3, 5, 1, 4], seed=14)
+    tl, bl, start = log["target_logp"], log["behavior_logp"], log["episode_start"]
+    step_log = log_ratio(tl, bl)
+    steps = weight_diagnostics(tl, bl, start, level="step", clip=1.5)
+    assert steps["weights/max"] == pytest.approx(float(step_log.max().exp()))
+    assert steps["weights/ess_fraction"] == pytest.approx(
+        ess_fraction(step_log.clamp_max(math.log(1.5))))
+    cumulative = weight_diagnostics(tl, bl, start, level="cumulative", clip=1.5,
+                                    clip_mode="cumulative")
+    raw = cumulative_log_weight(tl, bl, start)
+    assert cumulative["weights/fraction_clipped"] == pytest.approx(
+        fraction_clipped(raw, 1.5))
+    assert cumulative["weights/ess_fraction"] == pytest.approx(
+        ess_fraction(raw.clamp_max(math.log(1.5))))
+    with pytest.raises(ValueError, match="level"):
+        weight_diagnostics(tl, bl, start, level="trajectory")  # type: ignore[arg-type]

@@ -19,6 +19,7 @@ from offpg_offline.estimators.segments import check_episode_start, check_flat, e
 from offpg_offline.estimators.weights import (
     MAX_LOG_WEIGHT,
     ClipModeName,
+    check_clip,
     cumulative_log_weight,
     log_ratio,
 )
@@ -148,11 +149,11 @@ def weight_diagnostics(
     """
     check_flat(target_logp=target_logp, behavior_logp=behavior_logp, episode_start=episode_start)
     check_episode_start(episode_start)
+    check_clip(clip, clip_mode)
     with torch.no_grad():
         target, behavior = target_logp.detach(), behavior_logp.detach()
         raw = diagnostic_log_weights(target, behavior, episode_start, level=level)
-        used = raw
-        capped = raw
+        used, capped = raw, raw
         if clip is not None:
             log_c = math.log(clip)
             step_log = log_ratio(target, behavior)
@@ -166,7 +167,6 @@ def weight_diagnostics(
                 else:
                     used = clipped_step
             else:
-                capped = raw
                 used = raw.clamp_max(log_c)
         q50, q90, q99 = weight_quantiles(raw)
         return {
