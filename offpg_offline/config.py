@@ -71,13 +71,16 @@ class TrainConfig:
     """Everything `offpg train` needs; each field is logged as an MLflow param."""
 
     estimator: EstimatorName = field(
-        default=EstimatorName.PER_STEP, metadata={"help": "Surrogate of DESIGN.md §3."}
+        default=EstimatorName.PER_STEP,
+        metadata={
+            "help": "Surrogate of DESIGN.md §3 (default chosen by scripts/bench_quality.py)."
+        },
     )
     propensity: Propensity = field(
         default=Propensity.LOGGED, metadata={"help": "Column giving log π_β(a|s)."}
     )
     gamma: float = field(default=0.99, metadata={"help": "Discount γ in [0, 1]."})
-    steps: int = field(default=300, metadata={"help": "Gradient steps."})
+    steps: int = field(default=1000, metadata={"help": "Gradient steps."})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate."})
     batch_episodes: int = field(
         default=32,
@@ -87,7 +90,7 @@ class TrainConfig:
     hidden: tuple[int, ...] = field(default=(64, 64), metadata={"help": "MLP hidden sizes."})
     policy: PolicyKind = field(default=PolicyKind.AUTO, metadata={"help": "Target-policy family."})
     clip: float | None = field(
-        default=None, metadata={"help": "Cap c on importance weights (applied in log space)."}
+        default=2.0, metadata={"help": "Cap c on importance weights (applied in log space)."}
     )
     clip_mode: ClipMode = field(
         default=ClipMode.STEP, metadata={"help": "Cap each ratio ρ_t, or the cumulative weight."}
@@ -96,7 +99,7 @@ class TrainConfig:
         default=False, metadata={"help": "Weighted IS: divide by the batch mean weight."}
     )
     baseline: Baseline = field(
-        default=Baseline.NONE, metadata={"help": "Baseline b subtracted from G_t."}
+        default=Baseline.VALUE, metadata={"help": "Baseline b subtracted from G_t."}
     )
     standardize_returns: bool = field(
         default=False, metadata={"help": "Standardise returns G_t over the batch."}
@@ -108,7 +111,7 @@ class TrainConfig:
         default=None, metadata={"help": "PPO-style clip of ρ_t to [1-ε, 1+ε] (per-step)."}
     )
     psis: bool = field(default=False, metadata={"help": "Pareto-smooth the importance weights."})
-    init: Init = field(default=Init.RANDOM, metadata={"help": "Start from random weights or BC."})
+    init: Init = field(default=Init.BC, metadata={"help": "Start from random weights or BC."})
     bc_steps: int = field(
         default=300, metadata={"help": "Gradient steps of behavior cloning for --init bc."}
     )

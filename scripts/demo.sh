@@ -6,7 +6,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_setup.sh"
 dataset=${OFFPG_DEMO_DATASET:-datasets/cartpole-eps}
 offpg info "$dataset"
-offpg train "$dataset" --init bc "$@" | tee /tmp/offpg-demo.$$.log
+offpg train "$dataset" "$@" | tee /tmp/offpg-demo.$$.log
 python - "$dataset" /tmp/offpg-demo.$$.log <<'PY'
 import json, re, sys
 card = json.load(open(f"{sys.argv[1]}/dataset.json"))
