@@ -313,3 +313,39 @@ def test_cli_ingests_and_reports(tmp_path, cartpole_log) -> None:
                                 str(tmp_path / "other"), "--propensity-kind", "odds"])
     assert wrong.exit_code == 2
     assert "--propensity-kind must be 'prob' or 'logp'" in wrong.output
+
+
+def test_pyarrow_reader_equals_minari_reader_on_arrow_storage() -> None:
+    # The fast reader of arrow storage must return what MinariDataset.iterate_episodes does.
+    from offpg_offline.data.minari import _iter_episodes
+
+    space = gym.spaces.Dict({"pos": gym.spaces.Box(-1.0, 1.0, shape=(2, 2), dtype=np.float32),
+                             "mode": gym.spaces.Discrete(3)})
+    rng = np.random.default_rng(1)
+    buffers = []
+    for episode, length in enumerate([4, 1, 6]):
+        buffers.append(EpisodeBuffer(
+            id=episode,
+            observations={"pos": rng.uniform(-1, 1, (length + 1, 2, 2)).astype(np.float32),
+                          "mode": rng.integers(0, 3, length + 1)},
+            actions=rng.uniform(-1, 1, (length, 3)).astype(np.float32),
+            rewards=rng.normal(size=length).tolist(),
+            terminations=[False] * length, truncations=[False] * (length - 1) + [True],
+            infos={"logp": rng.normal(size=length + 1).tolist(),
+                   "agent": {"value": rng.normal(size=(length + 1, 2))}},
+        ))
+    dataset = minari.create_dataset_from_buffers(
+        "reader/compare-v0", buffers, observation_space=space, data_format="arrow",
+        action_space=gym.spaces.Box(-1.0, 1.0, shape=(3,), dtype=np.float32))
+
+    raw = list(_iter_episodes(dataset, reader="raw"))
+    reference = list(_iter_episodes(dataset, reader="minari"))
+
+    assert [e.id for e in raw] == [e.id for e in reference] == [0, 1, 2]
+    for a, b in zip(raw, reference, strict=True):
+        for key in ("pos", "mode"):
+            np.testing.assert_array_equal(a.observations[key], b.observations[key])
+        for name in ("actions", "rewards", "terminations", "truncations"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+        np.testing.assert_array_equal(a.infos["logp"], b.infos["logp"])
+        np.testing.assert_array_equal(a.infos["agent"]["value"], b.infos["agent"]["value"])
