@@ -191,7 +191,8 @@ def episode_mean(contributions: Tensor, counts: Tensor | None = None) -> Tensor:
     if counts is None:
         return contributions.double().mean()
     _check_counts(counts, contributions.shape[0])
-    return counts.to(F64) @ contributions.double() / counts.to(F64).sum(1)
+    counts = counts.to(device=contributions.device, dtype=F64)
+    return counts @ contributions.double() / counts.sum(1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,7 +264,7 @@ def weighted_importance_sampling(
     log_weight, _ = _log_weights(target_logp, behavior_logp, episode_start)
     weight = log_weight[layout.last].exp()
     returns = episode_sum(_discount(layout.step, gamma) * reward.double(), episode_start)
-    c = _ones_counts(layout) if counts is None else counts.to(F64)
+    c = _ones_counts(layout) if counts is None else counts.to(layout.index.device, F64)
     _check_counts(c, layout.n_episodes)
     value = _safe_ratio(c @ (weight * returns), c @ weight)
     return value[0] if counts is None else value
@@ -326,7 +327,7 @@ def weighted_per_decision_importance_sampling(
     layout = _layout(step, episode_start)
     log_weight, _ = _log_weights(target_logp, behavior_logp, episode_start)
     weight = log_weight.exp()
-    c = _ones_counts(layout) if counts is None else counts.to(F64)
+    c = _ones_counts(layout) if counts is None else counts.to(layout.index.device, F64)
     _check_counts(c, layout.n_episodes)
     numerator = _time_sums(weight * reward.double(), layout, c, layout.step)
     discount = _discount(torch.arange(layout.horizon, device=c.device), gamma)
@@ -424,7 +425,7 @@ def weighted_doubly_robust(
     layout, weight, previous, residual, value = _dr_parts(
         target_logp, behavior_logp, reward, step, episode_start, q_value, state_value,
         end_value, gamma)
-    c = _ones_counts(layout) if counts is None else counts.to(F64)
+    c = _ones_counts(layout) if counts is None else counts.to(layout.index.device, F64)
     _check_counts(c, layout.n_episodes)
     padded = _padded_sums(weight, layout, c)  # Σ_e w̃_{e,t}
     padded_previous = torch.cat([c.sum(1, keepdim=True), padded[:, :-1]], dim=1)
@@ -611,7 +612,7 @@ class QCritic(nn.Module):
     """Q̂(s, a): a Q(s, ·) head for discrete actions, or an MLP of (s, a) for continuous ones.
 
     Observations are normalised with the fitting log's mean and std; outputs are scaled by
-    `value_scale` (about max|r|·horizon) so that the network regresses O(1) numbers.
+    `value_scale` (RMS reward × effective horizon) so that the network regresses O(1) numbers.
     """
 
     def __init__(
@@ -729,7 +730,7 @@ def fit_fqe(
         done |= batch.truncated
     horizon = float(_layout(batch.step, batch.episode_start).horizon)
     effective = horizon if gamma == 1.0 else min(horizon, 1.0 / (1.0 - gamma))
-    scale = float(reward.abs().max()) * effective
+    scale = float(reward.square().mean().sqrt()) * effective  # RMS reward × horizon
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -869,12 +870,12 @@ def evaluate_offline(
                          f"choose from {', '.join(ESTIMATE_NAMES)}")
     check_gamma(gamma)
     with torch.no_grad():
-        target_logp = policy.log_prob(batch.obs, batch.action).double()
-    behavior_logp = behavior_logp.double()
+        target_logp = policy.log_prob(batch.obs, batch.action).double().cpu()
+    behavior_logp = behavior_logp.double().cpu()  # the estimates themselves are cheap: CPU
     if not bool(torch.isfinite(behavior_logp).all()):
         raise ValueError("behavior_logp has non-finite entries (a logged action with β = 0?)")
-    start = batch.episode_start
-    reward, step = batch.reward.double(), batch.step
+    start = batch.episode_start.cpu()
+    reward, step = batch.reward.double().cpu(), batch.step.cpu()
     n_episodes = int(start.sum())
     args = (target_logp, behavior_logp, reward, step, start)
 
@@ -894,10 +895,10 @@ def evaluate_offline(
         config = fqe or FQEConfig()
         critic = fit_fqe(policy, critic_batch if critic_batch is not None else batch,
                          gamma=gamma, config=config, seed=seed)
-        q_value, state_value, next_value = critic_values(
-            critic, policy, batch, action_samples=config.action_samples, seed=seed)
-        end_value = (torch.where(batch.truncated & ~batch.terminated, next_value, 0.0)
-                     if config.bootstrap_truncated else None)
+        q_value, state_value, next_value = (v.cpu() for v in critic_values(
+            critic, policy, batch, action_samples=config.action_samples, seed=seed))
+        cut = (batch.truncated & ~batch.terminated).cpu()
+        end_value = torch.where(cut, next_value, 0.0) if config.bootstrap_truncated else None
         critic_args = (*args, q_value, state_value)
         if "dr" in estimators:
             dr_terms = doubly_robust(*critic_args, gamma=gamma, end_value=end_value)
