@@ -25,6 +25,7 @@ from offpg_offline.estimators.psis import pareto_smooth, psis_khat
 from offpg_offline.estimators.segments import (
     discounted_returns,
     episode_index,
+    episode_position,
     episode_sum,
     segmented_cumsum,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "diagnostic_log_weights",
     "discounted_returns",
     "episode_index",
+    "episode_position",
     "episode_sum",
     "ess_fraction",
     "fraction_clipped",

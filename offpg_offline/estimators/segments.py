@@ -35,6 +35,18 @@ def episode_index(episode_start: Tensor) -> Tensor:
     return torch.cumsum(episode_start.to(torch.int64), dim=0) - 1
 
 
+def _first_row(episode_start: Tensor) -> Tensor:
+    """Row index of each row's episode start, [M] int64."""
+    positions = torch.arange(episode_start.shape[0], device=episode_start.device)
+    return torch.cummax(torch.where(episode_start, positions, 0), dim=0).values
+
+
+def episode_position(episode_start: Tensor) -> Tensor:
+    """Position of each row within its episode, 0..T_i−1, int64 [M]."""
+    positions = torch.arange(episode_start.shape[0], device=episode_start.device)
+    return positions - _first_row(episode_start)
+
+
 def episode_sum(values: Tensor, episode_start: Tensor) -> Tensor:
     """Sum of `values` [M] within each episode, [E] in float64 (index_add by episode ordinal)."""
     check_flat(values=values, episode_start=episode_start)
@@ -63,10 +75,8 @@ def segmented_cumsum(values: Tensor, episode_start: Tensor) -> Tensor:
     check_flat(values=values, episode_start=episode_start)
     check_episode_start(episode_start)
     values64 = values.double()
-    positions = torch.arange(values.shape[0], device=values.device)
-    last_start = torch.cummax(torch.where(episode_start, positions, 0), dim=0).values
     total = torch.cumsum(values64, dim=0)
-    return total - (total - values64)[last_start]
+    return total - (total - values64)[_first_row(episode_start)]
 
 
 def episode_last(episode_start: Tensor) -> Tensor:
@@ -93,6 +103,8 @@ def discounted_returns(reward: Tensor, episode_start: Tensor, gamma: float) -> T
     check_episode_start(episode_start)
     check_gamma(gamma)
     total = reward.double()
+    if gamma == 0.0 or bool(episode_start.all()):  # one-step episodes: G_t = r_t
+        return total
     factor = torch.full_like(total, gamma).masked_fill(episode_last(episode_start), 0.0)
     m = total.shape[0]
     longest = int(torch.diff(torch.nonzero(torch.cat(

@@ -91,7 +91,6 @@ class _Inputs:
     reward: Tensor
     discount: Tensor
     episode_start: Tensor
-    position: Tensor
     baseline: Tensor
     returns: Tensor | None
     n_episodes: int
@@ -128,15 +127,12 @@ def _prepare(
         base = baseline.detach().double()
     else:
         base = torch.full_like(reward, float(baseline), dtype=torch.float64)
-    positions = torch.arange(reward.shape[0], device=reward.device)
-    first_row = torch.cummax(torch.where(episode_start, positions, 0), dim=0).values
     return _Inputs(
         target_logp=target_logp,
         log_rho=log_ratio(target_logp, behavior_logp),
         reward=reward.detach().double(),
         discount=gamma ** step.detach().double(),
         episode_start=episode_start,
-        position=positions - first_row,
         baseline=base,
         returns=None if returns is None else returns.detach().double(),
         n_episodes=int(episode_start.sum()),
@@ -155,8 +151,10 @@ def _standardize(advantage: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _reduce(step_terms: Tensor, x: _Inputs, reduction: str) -> Tensor:
-    per_episode = -episode_sum(step_terms, x.episode_start)
-    loss = per_episode if reduction == "none" else per_episode.mean()
+    if reduction == "none":
+        loss = -episode_sum(step_terms, x.episode_start)
+    else:
+        loss = -step_terms.sum() / x.n_episodes
     return loss.to(x.target_logp.dtype if x.target_logp.is_floating_point() else torch.float64)
 
 
@@ -323,7 +321,7 @@ def per_decision_surrogate(
     if psis:
         log_w = smooth_log_weight(log_w)
     if self_normalize:
-        log_w = log_w - position_log_normaliser(log_w, x.episode_start, x.position)
+        log_w = log_w - position_log_normaliser(log_w, x.episode_start)
     weight = cap_log_weight(log_w).exp()
     previous = torch.where(x.episode_start, 1.0, torch.roll(weight, 1))
     base, scale = x.baseline, torch.ones((), dtype=torch.float64)
@@ -413,7 +411,7 @@ def past_weight_surrogate(
     if psis:
         log_w = smooth_log_weight(log_w)
     if self_normalize:
-        log_w = log_w - position_log_normaliser(log_w, x.episode_start, x.position)
+        log_w = log_w - position_log_normaliser(log_w, x.episode_start)
     log_w = cap_log_weight(log_w)
     advantage = _returns(x, gamma) - x.baseline
     if standardize_returns:

@@ -12,7 +12,12 @@ import torch
 from torch import Tensor
 
 from offpg_offline.estimators.psis import pareto_smooth
-from offpg_offline.estimators.segments import check_flat, episode_last, segmented_cumsum
+from offpg_offline.estimators.segments import (
+    check_flat,
+    episode_last,
+    episode_position,
+    segmented_cumsum,
+)
 
 MAX_LOG_WEIGHT = 80.0
 """Numerical cap on every log importance weight (w ≤ e^80 ≈ 5.5e34; float32 holds 3.4e38)."""
@@ -99,13 +104,14 @@ def scatter_logsumexp(values: Tensor, index: Tensor, size: int) -> Tensor:
     return safe + torch.log(sums)
 
 
-def position_log_normaliser(log_w: Tensor, episode_start: Tensor, position: Tensor) -> Tensor:
+def position_log_normaliser(log_w: Tensor, episode_start: Tensor) -> Tensor:
     r"""log n_t per row, n_t = (1/N) Σ_i w_{i, min(t, T_i − 1)} (WPDIS; Precup et al. 2000).
 
-    `position` is each row's index within its episode. Episodes that ended before position t
-    carry their final weight (an absorbing state whose action probability is 1 under both
-    policies), so n_t averages over all N episodes; computed with scatter/logcumsumexp.
+    t is the row's position within its episode. Episodes that ended before position t carry
+    their final weight (an absorbing state whose action probability is 1 under both policies),
+    so n_t averages over all N episodes; computed with scatter and logcumsumexp.
     """
+    position = episode_position(episode_start)
     length = int(position.max()) + 1
     alive = scatter_logsumexp(log_w, position, length)
     last = episode_last(episode_start)
