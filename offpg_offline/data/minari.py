@@ -85,6 +85,11 @@ def _find_data_path(id_or_path: str | Path, *, download: bool) -> Path:
                                 f"its data/ folder)")
     dataset_id = str(id_or_path)
     try:
+        minari.dataset.minari_dataset.parse_dataset_id(dataset_id)
+    except ValueError:
+        raise FileNotFoundError(f"{dataset_id}: no such folder, and not a Minari dataset id "
+                                f"(ids look like namespace/name-v0)") from None
+    try:
         return Path(minari.load_dataset(dataset_id).storage.data_path)
     except FileNotFoundError:
         if not download:
@@ -436,8 +441,9 @@ def ingest_minari(
 
         def flush() -> SourcedTable:
             nonlocal rows
-            merged = {key: None if chunk[0][key] is None
-                      else np.concatenate([part[key] for part in chunk]) for key in chunk[0]}
+            merged: dict[str, Any] = {
+                key: None if chunk[0][key] is None
+                else np.concatenate([part[key] for part in chunk]) for key in chunk[0]}
             table = steps_table(**merged)
             sourced = SourcedTable(table, source_name, rows)
             rows += table.num_rows
@@ -528,6 +534,7 @@ def _episode_columns(
     if len(observations) != steps + 1:
         raise ValueError(f"{source}: episode {episode.id} has {len(observations)} observations "
                          f"for {steps} steps (Minari stores T+1)")
+    action: np.ndarray
     if continuous:
         action = np.asarray(episode.actions, dtype=np.float32).reshape(steps, -1)
     else:

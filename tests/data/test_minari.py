@@ -290,6 +290,11 @@ def test_local_path_works_like_the_id(tmp_path, cartpole_log) -> None:
 def test_missing_dataset_suggests_download(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="pass --download"):
         ingest_minari("nowhere/none-v0", tmp_path / "ds")
+    with pytest.raises(FileNotFoundError, match="no such folder, and not a Minari dataset id"):
+        ingest_minari(str(tmp_path / "missing"), tmp_path / "ds")
+    tmp_path.joinpath("empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a Minari dataset"):
+        ingest_minari(tmp_path / "empty", tmp_path / "ds")
 
 
 def test_cli_ingests_and_reports(tmp_path, cartpole_log) -> None:
