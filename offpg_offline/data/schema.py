@@ -279,6 +279,8 @@ def _check_nulls(table: pa.Table, where: _Where) -> None:
 def _check_finite(table: pa.Table, where: _Where) -> None:
     for name in (OBS, NEXT_OBS):
         values = vector_values(table.column(name))
+        if np.isfinite(values).all():  # the common case, without a per-row reduction
+            continue
         bad = ~np.isfinite(values).all(axis=1)
         if bad.any():
             row = _first(bad)
@@ -298,8 +300,8 @@ def _check_actions(table: pa.Table, where: _Where, action_space: Any) -> None:
         action = _column_numpy(column)
     else:
         action = vector_values(column)
-        bad = ~np.isfinite(action).all(axis=1)
-        if bad.any():
+        bad = ~np.isfinite(action).all(axis=1) if not np.isfinite(action).all() else None
+        if bad is not None and bad.any():
             raise where.fail(ACTION, _first(bad), "holds a non-finite value")
     if action_space is None:
         return
@@ -326,8 +328,8 @@ def _check_actions(table: pa.Table, where: _Where, action_space: Any) -> None:
         low = action_space.low.reshape(-1).astype(np.float32)
         high = action_space.high.reshape(-1).astype(np.float32)
         outside = (action < low) | (action > high)
-        bad = outside.any(axis=1)
-        if bad.any():
+        bad = outside.any(axis=1) if outside.any() else None
+        if bad is not None:
             row = _first(bad)
             dim = _first(outside[row])
             raise where.fail(ACTION, row, f"action component {dim} = {action[row, dim]} lies "

@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import shutil
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,7 @@ from offpg_offline.data import schema as sc
 from offpg_offline.data.spaces import space_from_json, space_to_json
 
 CARD_NAME = "dataset.json"
-DEFAULT_ROWS_PER_FILE = 1_000_000
+DEFAULT_ROWS_PER_FILE = 262_144  # 4 row groups; shards are encoded two at a time
 DEFAULT_ROW_GROUP_SIZE = 65_536
 DEFAULT_COMPRESSION = "zstd"
 _HASH_BLOCK = 1 << 20
@@ -199,89 +201,153 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class _ShardFile:
+    """One part-NNNNN.parquet, encoded by its own thread from a bounded queue of pieces.
+
+    Parquet encoding releases the GIL, so shards are written while the input is read and while
+    the previous shard is finished. An error in the thread is re-raised by `put` or `wait`.
+    """
+
+    def __init__(self, path: Path, schema: pa.Schema, *, row_group_size: int,
+                 compression: str) -> None:
+        self.path, self.schema = path, schema
+        self.row_group_size, self.compression = row_group_size, compression
+        self.rows = 0
+        self.episodes = 0
+        self.entry: dict[str, Any] | None = None
+        self._queue: queue.Queue[pa.Table | None] = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._abort = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"offpg-{path.name}", daemon=True)
+        self._thread.start()
+
+    def put(self, piece: pa.Table) -> None:
+        if self._error is not None:
+            raise self._error
+        self.rows += piece.num_rows
+        self._queue.put(piece)
+
+    def close(self) -> None:
+        """Ask the thread to finish the file (flush, close, sha256, fsync); returns at once."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+
+    def wait(self) -> dict[str, Any]:
+        """Block until the file is complete; its card entry."""
+        self.close()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self.entry is not None
+        return self.entry
+
+    def abort(self) -> None:
+        self._abort = True
+        self.close()
+        self._thread.join()
+
+    def _run(self) -> None:
+        writer: pq.ParquetWriter | None = None
+        pending: list[pa.Table] = []
+        try:
+            while (piece := self._queue.get()) is not None:
+                if self._error is not None or self._abort:
+                    continue  # keep draining so that `put` never blocks forever
+                try:
+                    if writer is None:
+                        writer = pq.ParquetWriter(self.path, self.schema,
+                                                  compression=self.compression,
+                                                  use_dictionary=False, write_batch_size=65_536)
+                    pending.append(piece)
+                    pending = self._flush(writer, pending, final=False)
+                except BaseException as err:  # handed to the main thread
+                    self._error = err
+            if self._error is None and not self._abort and writer is not None:
+                self._flush(writer, pending, final=True)
+                writer.close()
+                writer = None
+                sha = file_sha256(self.path)
+                _fsync_path(self.path)
+                self.entry = {"name": self.path.name, "rows": self.rows,
+                              "episodes": self.episodes, "bytes": self.path.stat().st_size,
+                              "sha256": sha}
+        except BaseException as err:
+            self._error = self._error or err
+        finally:
+            if writer is not None:
+                writer.close()
+
+    def _flush(self, writer: pq.ParquetWriter, pending: list[pa.Table], *,
+               final: bool) -> list[pa.Table]:
+        """Write whole row groups of `pending` (all of it when `final`); return the rest."""
+        rows = sum(p.num_rows for p in pending)
+        size = self.row_group_size
+        if not final and rows < size:
+            return pending
+        table = pa.concat_tables(pending) if len(pending) > 1 else pending[0]
+        full = rows if final else rows // size * size
+        if full:
+            writer.write_table(table.slice(0, full), row_group_size=size)
+        rest = table.slice(full)
+        return [rest] if rest.num_rows else []
+
+
 class _ShardWriter:
-    """Writes whole episodes into part-NNNNN.parquet files of about `rows_per_file` rows."""
+    """Cuts whole episodes into shards of about `rows_per_file` rows, written by `_ShardFile`s.
+
+    At most `parallel` shard files are being encoded at once (memory: ≤ 2 queued pieces and one
+    row group each).
+    """
 
     def __init__(self, folder: Path, schema: pa.Schema, *, rows_per_file: int,
-                 row_group_size: int, compression: str) -> None:
+                 row_group_size: int, compression: str, parallel: int = 2) -> None:
         self.folder, self.schema = folder, schema
         self.rows_per_file, self.row_group_size = rows_per_file, row_group_size
-        self.compression = compression
-        self.files: list[dict[str, Any]] = []
-        self._writer: pq.ParquetWriter | None = None
-        self._path: Path | None = None
-        self._rows = 0
-        self._episodes = 0
-        self._pending: list[pa.Table] = []
-        self._pending_rows = 0
+        self.compression, self.parallel = compression, parallel
+        self.files: list[_ShardFile] = []
+        self._current: _ShardFile | None = None
+        self._waited = 0
 
     def add(self, table: pa.Table, episode_starts: np.ndarray) -> None:
         """Append `table` (whole episodes; `episode_starts` = row numbers where each begins)."""
         position, rows = 0, table.num_rows
         while position < rows:
-            if self._writer is None:
+            if self._current is None:
                 self._open()
-            room = self.rows_per_file - self._rows
+            current = self._current
+            assert current is not None
+            room = self.rows_per_file - current.rows
             if rows - position <= room:
                 cut = rows
             else:  # close the file at the first episode boundary past the target size
                 index = int(np.searchsorted(episode_starts, position + room, side="left"))
                 cut = int(episode_starts[index]) if index < len(episode_starts) else rows
-            piece = table.slice(position, cut - position)
-            self._episodes += int(np.count_nonzero((episode_starts >= position)
-                                                   & (episode_starts < cut)))
-            self._buffer(piece)
+            current.episodes += int(np.count_nonzero((episode_starts >= position)
+                                                     & (episode_starts < cut)))
+            current.put(table.slice(position, cut - position))
             position = cut
-            if self._rows >= self.rows_per_file:
-                self._close()
+            if current.rows >= self.rows_per_file:
+                current.close()
+                self._current = None
 
     def _open(self) -> None:
-        self._path = self.folder / f"part-{len(self.files):05d}.parquet"
-        self._writer = pq.ParquetWriter(self._path, self.schema, compression=self.compression)
-        self._rows = self._episodes = 0
-
-    def _buffer(self, piece: pa.Table) -> None:
-        self._rows += piece.num_rows
-        self._pending.append(piece)
-        self._pending_rows += piece.num_rows
-        if self._pending_rows >= self.row_group_size:
-            self._flush(final=False)
-
-    def _flush(self, *, final: bool) -> None:
-        if not self._pending:
-            return
-        assert self._writer is not None
-        table = pa.concat_tables(self._pending) if len(self._pending) > 1 else self._pending[0]
-        size = self.row_group_size
-        full = table.num_rows if final else table.num_rows // size * size
-        if full:
-            self._writer.write_table(table.slice(0, full), row_group_size=self.row_group_size)
-        rest = table.slice(full)
-        self._pending = [rest] if rest.num_rows else []
-        self._pending_rows = rest.num_rows
-
-    def _close(self) -> None:
-        assert self._writer is not None and self._path is not None
-        self._flush(final=True)
-        self._writer.close()
-        self._writer = None
-        sha = file_sha256(self._path)
-        _fsync_path(self._path)
-        self.files.append({"name": self._path.name, "rows": self._rows,
-                           "episodes": self._episodes, "bytes": self._path.stat().st_size,
-                           "sha256": sha})
+        while len(self.files) - self._waited >= self.parallel:
+            self.files[self._waited].wait()
+            self._waited += 1
+        path = self.folder / f"part-{len(self.files):05d}.parquet"
+        self._current = _ShardFile(path, self.schema, row_group_size=self.row_group_size,
+                                   compression=self.compression)
+        self.files.append(self._current)
 
     def finish(self) -> list[dict[str, Any]]:
-        if self._writer is not None:
-            self._close()
-        return self.files
+        """Complete every shard; their card entries in order."""
+        return [shard.wait() for shard in self.files]
 
     def abort(self) -> None:
-        if self._writer is not None:
-            try:
-                self._writer.close()
-            finally:
-                self._writer = None
+        for shard in self.files:
+            shard.abort()
 
 
 class _ActionRange:
@@ -409,7 +475,9 @@ def write_dataset(
         out: destination folder; its parent is created if needed.
         tables: whole episodes, in order; a `SourcedTable` names its file in error messages.
         card: card fields (see CONTRACTS.md: name, description, spaces, env_spec, source,
-            behavior, propensity).
+            behavior, propensity). `action_space` is read first; the other fields only once
+            `tables` is exhausted, so an adapter may record in them what it finds while
+            streaming.
         overwrite: replace an existing dataset at `out` (atomically: the old one stays until
             the new one is complete). A folder that is not a dataset is never replaced.
         rows_per_file: target shard size; a shard closes at the first episode boundary past it.
@@ -473,9 +541,10 @@ def write_dataset(
         if shards is None:
             raise sc.DataError(f"{card.get('name') or out}: the input has no rows (empty input).")
         files = shards.finish()
-        discrete = shards.schema.field(sc.ACTION).type == pa.int64()
+        schema = shards.schema
+        discrete = schema.field(sc.ACTION).type == pa.int64()
         full_card = _complete_card(
-            card, out, schema=shards.schema, files=files, stats=stats.summary(),
+            card, out, schema=schema, files=files, stats=stats.summary(),
             action_space=action_space_json or actions.space(discrete), filled=filled, steps=steps)
         card_path = tmp / CARD_NAME
         card_path.write_text(json.dumps(full_card, indent=2, allow_nan=False) + "\n")
