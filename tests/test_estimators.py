@@ -573,6 +573,11 @@ def test_weight_summaries_by_hand() -> None:
     assert weight_quantiles(log_w, (0.5,)) == pytest.approx([2.0])
     assert fraction_clipped(log_w, 2.0) == pytest.approx(0.4)  # 4 and 8 exceed c = 2
     assert fraction_clipped(log_w, None) == 0.0
+    # Linear interpolation in log space, as torch.quantile (which refuses > 2^24 elements).
+    noise = torch.randn(1001, generator=torch.Generator().manual_seed(15), dtype=F64)
+    levels = (0.0, 0.37, 0.5, 0.99, 1.0)
+    expected = torch.quantile(noise, torch.tensor(levels, dtype=F64)).exp()
+    assert weight_quantiles(noise, levels) == pytest.approx(expected.tolist(), rel=1e-12)
 
 
 def test_kl_penalty_is_unbiased_on_a_bandit() -> None:

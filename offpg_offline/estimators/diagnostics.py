@@ -52,8 +52,14 @@ def ess_fraction(log_weights: Tensor) -> float:
 def weight_quantiles(log_weights: Tensor, quantiles: tuple[float, ...] = QUANTILES) -> list[float]:
     """Quantiles of the weights exp(`log_weights`) [N] (linear interpolation in log space)."""
     _check_log_weights(log_weights)
-    q = torch.tensor(quantiles, dtype=torch.float64, device=log_weights.device)
-    return [float(v) for v in torch.quantile(log_weights.detach().double(), q).exp()]
+    # Sort-based (torch.quantile refuses more than 2^24 elements).
+    ordered = torch.sort(log_weights.detach().double()).values
+    position = torch.tensor(quantiles, dtype=torch.float64, device=ordered.device)
+    position = position * (ordered.shape[0] - 1)
+    low = position.floor().long()
+    high = position.ceil().long()
+    values = ordered[low] + (position - low) * (ordered[high] - ordered[low])
+    return [float(v) for v in values.exp()]
 
 
 def max_weight(log_weights: Tensor) -> float:
