@@ -563,3 +563,44 @@ def _episode_columns(
         "logged_logp": None if logp is None else logp.astype(np.float32),
     }
 
+
+
+# --- benchmark fixture -------------------------------------------------------------------------
+
+
+def bench_dataset(folder: Path, steps: int, *, seed: int = 0, data_format: str = "arrow",
+                  episode_length: int = 1000) -> Path:
+    """Write a `steps`-step Minari dataset under `folder` for `scripts/bench_ingest.py`.
+
+    Random CartPole-shaped episodes (4 float32 observations, 2 actions) of `episode_length`
+    steps, with `action_log_prob` in the infos (T+1 entries, DataCollector layout). Written with
+    Minari's own storage, episode by episode, outside the local Minari store.
+
+    Returns:
+        The dataset folder (holding Minari's metadata.json), for `ingest_minari`.
+    """
+    from minari.data_collector import EpisodeBuffer
+    from minari.dataset.minari_storage import MinariStorage
+
+    rng = np.random.default_rng(seed)
+    path = Path(folder) / f"minari-{data_format}"
+    storage = MinariStorage.new(
+        path, observation_space=gym.spaces.Box(-np.inf, np.inf, (4,), np.float32),
+        action_space=gym.spaces.Discrete(2), data_format=data_format)
+    storage.update_metadata({"dataset_id": "bench/cartpole-v0",
+                             "minari_version": minari.__version__})
+
+    def episodes() -> Iterator[EpisodeBuffer]:
+        for episode, first in enumerate(range(0, steps, episode_length)):
+            length = min(episode_length, steps - first)
+            action = rng.integers(0, 2, length)
+            yield EpisodeBuffer(
+                id=episode,
+                observations=rng.normal(size=(length + 1, 4)).astype(np.float32),
+                actions=action, rewards=np.ones(length), terminations=np.zeros(length, bool),
+                truncations=np.arange(length) == length - 1,
+                infos={"action_log_prob": np.r_[np.nan, np.where(action == 1, -0.4, -1.1)]
+                       .reshape(-1, 1)})
+
+    storage.update_episodes(episodes())
+    return path

@@ -354,3 +354,19 @@ def test_pyarrow_reader_equals_minari_reader_on_arrow_storage() -> None:
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
         np.testing.assert_array_equal(a.infos["logp"], b.infos["logp"])
         np.testing.assert_array_equal(a.infos["agent"]["value"], b.infos["agent"]["value"])
+
+
+@pytest.mark.parametrize("data_format", ["arrow", "hdf5"])
+def test_bench_dataset_ingests_with_its_propensities(tmp_path, data_format) -> None:
+    from offpg_offline.data.minari import bench_dataset
+
+    source = bench_dataset(tmp_path, 2500, data_format=data_format, episode_length=1000)
+
+    out = ingest_minari(source, tmp_path / "ds")
+
+    card = read_card(out)
+    assert card["counts"] == {"episodes": 3, "steps": 2500}
+    got = _columns(out)
+    np.testing.assert_array_equal(
+        got["logged_logp"], np.where(got["action"] == 1, -0.4, -1.1).astype(np.float32))
+    assert got["truncated"].sum() == 3 and not got["terminated"].any()
