@@ -80,6 +80,94 @@ def ingest_minari_command(
                f"steps; logged_logp: {logged['source'] if logged else 'none (no propensity)'}")
 
 
+@ingest_app.command("parquet")
+def ingest_parquet_command(
+    paths: Annotated[list[Path], typer.Argument(
+        help="Parquet or CSV step logs (one row per step), or folders of them.")],
+    out: Annotated[Path, typer.Option(help="Output dataset folder.")],
+    map_: Annotated[list[str] | None, typer.Option(
+        "--map", help="KEY=COLUMN, repeatable; KEY is episode_id, step, obs, action, reward, "
+                      "next_obs, terminated, truncated or done.")] = None,
+    mapping: Annotated[Path | None, typer.Option(
+        help="TOML file with the same keys, plus obs_cols, propensity_col, ...")] = None,
+    obs_cols: Annotated[list[str] | None, typer.Option(
+        help="Glob of scalar columns forming obs, in file order (e.g. 'x_*'); repeatable.")] = None,
+    next_obs_cols: Annotated[list[str] | None, typer.Option(
+        help="Glob of scalar columns forming next_obs.")] = None,
+    action_cols: Annotated[list[str] | None, typer.Option(
+        help="Glob of scalar columns forming a continuous action vector.")] = None,
+    propensity_col: Annotated[str | None, typer.Option(
+        help="Column with the behavior policy's propensity of the logged action.")] = None,
+    propensity_kind: Annotated[str | None, typer.Option(
+        help="prob (probabilities) or logp (log-probabilities / log-densities).")] = None,
+    done_means: Annotated[str | None, typer.Option(
+        help="What a 'done' column means: terminated (default) or truncated.")] = None,
+    action_space: Annotated[str | None, typer.Option(
+        help="discrete:N, box:LOW:HIGH:DIM or space JSON; default: inferred.")] = None,
+    env: Annotated[str | None, typer.Option(help="Gymnasium env id to record in the card.")] = None,
+    name: Annotated[str | None, typer.Option(help="Dataset name (default: folder name).")] = None,
+    description: Annotated[str | None, typer.Option(help="Free text for the card.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset at --out.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Convert foreign Parquet/CSV step logs into the canonical Parquet format."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from offpg_offline.data import parquet
+
+    try:
+        cli_mapping = parquet.ColumnMapping(
+            columns=parquet.parse_map(map_ or []), obs_cols=tuple(obs_cols or ()),
+            next_obs_cols=tuple(next_obs_cols or ()), action_cols=tuple(action_cols or ()),
+            propensity_col=propensity_col, propensity_kind=propensity_kind or "logp",
+            done_means=done_means or "terminated")
+        column_mapping = (parquet.merge_mappings(parquet.load_mapping(mapping), cli_mapping)
+                          if mapping else cli_mapping)
+        space = parquet.parse_action_space(action_space) if action_space else None
+        files = parquet.input_files(paths)
+        console = Console(stderr=True)
+        with Progress(TextColumn("ingest"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("steps"), console=console, transient=True,
+                      disable=quiet or not console.is_terminal) as bar:
+            task = bar.add_task("ingest", total=parquet.count_rows(files))
+            result = parquet.ingest_parquet(
+                files, out, mapping=column_mapping, action_space=space, env_id=env, name=name,
+                description=description, overwrite=overwrite,
+                progress=lambda rows: bar.advance(task, rows))
+    except (ValueError, FileNotFoundError, OSError) as err:  # DataError is a ValueError
+        fail(str(err))
+    for warning in result.warnings:
+        typer.secho(f"warning: {warning}", err=True, fg="yellow")
+    card = result.card
+    logged = card["propensity"]["logged_logp"]
+    typer.echo(f"wrote {result.path}: {card['counts']['episodes']} episodes, "
+               f"{card['counts']['steps']} steps in {len(card['files'])} file(s); logged_logp: "
+               f"{logged['source'] if logged else 'none (no propensity)'}")
+
+
+@app.command()
+def info(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder (offpg ingest output).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    verify: Annotated[bool, typer.Option(
+        help="Recompute each shard's sha256 and row count against the card.")] = False,
+) -> None:
+    """Counts, spaces, episode statistics, propensities and provenance of DATASET."""
+    import json
+
+    from offpg_offline.data.info import dataset_info, format_info
+
+    try:
+        result = dataset_info(dataset, verify=verify)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        fail(str(err))
+    typer.echo(json.dumps(result, indent=2) if as_json else format_info(result))
+    if result["verify"] is not None and not result["verify"]["ok"]:
+        problems = result["verify"]["problems"]
+        fail(f"{dataset}: --verify found {len(problems)} problem(s), the first: {problems[0]}")
+
+
 # --- train command ---
 
 

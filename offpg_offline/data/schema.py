@@ -64,9 +64,15 @@ class DataError(ValueError):
         self.source, self.column, self.row, self.problem = source, column, row, problem
 
     @classmethod
-    def at(cls, source: str, column: str, row: int | None, problem: str) -> DataError:
-        """`"<source>: column '<column>', row <row>: <problem>."` (row omitted when None)."""
-        place = f"column '{column}'" if row is None else f"column '{column}', row {row}"
+    def at(cls, source: str, column: str, row: int | None, problem: str, *,
+           label: str | None = None) -> DataError:
+        """`"<source>: column '<column>', row <row>: <problem>."` (row omitted when None).
+
+        With `label` (the user's name for a canonical column): `column '<label>' (<column>)`.
+        """
+        place = f"column '{column}'" if label is None else f"column '{label}' ({column})"
+        if row is not None:
+            place += f", row {row}"
         return cls(f"{source}: {place}: {problem}.", source=source, column=column, row=row,
                    problem=problem)
 

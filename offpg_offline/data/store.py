@@ -64,14 +64,12 @@ class SourcedTable(NamedTuple):
         """`err` (about a row of `table`, counted from `row_offset`) in the user's terms."""
         if err.column is None or err.problem is None:
             return err
-        column = err.column
-        label = (self.labels or {}).get(column)
-        if label is not None and label != column:
-            column = f"{label}' ('{column}"  # → column 'state' ('obs')
+        label = (self.labels or {}).get(err.column)
         source, row = err.source or self.source, err.row
         if row is not None and self.locate is not None:
             source, row = self.locate(row - self.row_offset)
-        return sc.DataError.at(source, column, row, err.problem)
+        return sc.DataError.at(source, err.column, row, err.problem,
+                               label=None if label == err.column else label)
 
 
 # --- streaming statistics ----------------------------------------------------------------------

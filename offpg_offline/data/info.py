@@ -1,0 +1,146 @@
+"""What `offpg info` reports about a dataset, computed from its rows (streamed) and its card."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from offpg_offline.data import schema as sc
+from offpg_offline.data.store import (
+    StatsAccumulator,
+    iter_record_batches,
+    read_card,
+    verify_dataset,
+)
+
+_STAT_COLUMNS = [sc.EPISODE_ID, sc.REWARD, sc.TERMINATED, sc.TRUNCATED, *sc.PROPENSITY_COLUMNS]
+
+
+def dataset_info(path: Path, *, verify: bool = False) -> dict[str, Any]:
+    """Counts, spaces, episode statistics, propensities and provenance of a dataset.
+
+    Statistics are recomputed from the data by streaming five columns (bounded memory), not
+    copied from the card; `card_counts_match` says whether the card's counts agree.
+
+    Args:
+        path: dataset folder.
+        verify: also recompute every shard's sha256 against the card (`verify_dataset`).
+
+    Returns:
+        Plain JSON-serialisable dict. Propensity ranges are of the log-probability columns;
+        for discrete actions `probability_range` gives the same range as probabilities.
+    """
+    path = Path(path)
+    card = read_card(path)
+    problems = verify_dataset(path) if verify else None
+    stats = StatsAccumulator()
+    for batch in iter_record_batches(path, _STAT_COLUMNS):
+        stats.update(batch)
+    summary = stats.summary()
+    episodes = stats.lengths.count
+    discrete = (card.get("action_space") or {}).get("type") == "Discrete"
+    propensity: dict[str, Any] = {}
+    for name in sc.PROPENSITY_COLUMNS:
+        value_range = summary["propensity_range"][name]
+        entry: dict[str, Any] = {
+            "present": value_range is not None,
+            "source": (card.get("propensity") or {}).get(name),
+            "log_range": value_range,
+        }
+        if value_range is not None and discrete:
+            entry["probability_range"] = {key: math.exp(value_range[key]) for key in ("min", "max")}
+        propensity[name] = entry
+    counts = {"episodes": episodes, "steps": stats.steps, "files": len(card["files"])}
+    return {
+        "path": str(path),
+        "name": card.get("name"),
+        "description": card.get("description", ""),
+        "schema_version": card["schema_version"],
+        "counts": counts,
+        "card_counts_match": card.get("counts") == {"episodes": episodes, "steps": stats.steps},
+        "observation_space": card.get("observation_space"),
+        "action_space": card.get("action_space"),
+        "env_spec": card.get("env_spec"),
+        "episode_length": summary["episode_length"],
+        "episode_return": summary["episode_return"],
+        "episodes_terminated": summary["episodes_terminated"],
+        "episodes_truncated": summary["episodes_truncated"],
+        "propensity": propensity,
+        "provenance": {"source": card.get("source"), "behavior": card.get("behavior")},
+        "verify": None if problems is None else {"ok": not problems, "problems": problems},
+    }
+
+
+def _space_text(space: dict[str, Any] | None) -> str:
+    if not space:
+        return "unknown"
+    if space.get("type") == "Discrete":
+        start = space.get("start", 0)
+        return f"Discrete({space['n']})" + (f" starting at {start}" if start else "")
+    if space.get("type") == "Box":
+        low, high = space.get("low", []), space.get("high", [])
+        bounds = (f"[{low[0]}, {high[0]}]" if len(set(map(str, low))) == 1
+                  and len(set(map(str, high))) == 1 and low else "per-dimension bounds")
+        return f"Box(shape={tuple(space['shape'])}, {bounds}, {space.get('dtype', 'float32')})"
+    return str(space.get("type"))
+
+
+def _range_text(values: dict[str, float] | None, digits: int = 3) -> str:
+    if values is None:
+        return "none"
+    return (f"min {values['min']:.{digits}g}, mean {values['mean']:.{digits}g}, "
+            f"max {values['max']:.{digits}g}")
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """`dataset_info` as the human-readable text `offpg info` prints."""
+    counts = info["counts"]
+    env = info["env_spec"]["id"] if info.get("env_spec") else "none recorded"
+    lines = [
+        f"{info['name']}  ({info['path']}, schema v{info['schema_version']})",
+    ]
+    if info.get("description"):
+        lines.append(f"  {info['description']}")
+    lines += [
+        f"steps {counts['steps']:,} in {counts['episodes']:,} episodes, {counts['files']} file(s)"
+        + ("" if info["card_counts_match"] else "  (the card's counts DIFFER from the data)"),
+        f"observation space: {_space_text(info['observation_space'])}",
+        f"action space: {_space_text(info['action_space'])}",
+        f"environment: {env}",
+        f"episode length: {_range_text(info['episode_length'], 4)}",
+        f"episode return: {_range_text(info['episode_return'], 4)}",
+        f"episode ends: {info['episodes_terminated']:,} terminated, "
+        f"{info['episodes_truncated']:,} truncated",
+    ]
+    for name, entry in info["propensity"].items():
+        if not entry["present"]:
+            lines.append(f"{name}: absent")
+            continue
+        source = (entry["source"] or {}).get("source", "unspecified")
+        text = f"{name}: present ({source}); log range {_range_text(entry['log_range'])}"
+        if "probability_range" in entry:
+            pr = entry["probability_range"]
+            text += f"; probabilities {pr['min']:.3g}..{pr['max']:.3g}"
+        lines.append(text)
+    source = info["provenance"]["source"] or {}
+    if source:
+        kind = source.get("kind") or source.get("type") or "source"
+        files = source.get("files")
+        detail = ""
+        if files:
+            detail = f"{len(files)} file(s): " + ", ".join(str(f["path"]) for f in files[:3])
+            detail += ", ..." if len(files) > 3 else ""
+        other = {k: v for k, v in source.items() if k not in ("kind", "type", "files")}
+        lines.append(f"source: {kind}" + (f"; {detail}" if detail else ""))
+        for key, value in other.items():
+            lines.append(f"  {key}: {value}")
+    behavior = info["provenance"]["behavior"]
+    if behavior:
+        lines.append(f"behavior policy: {behavior}")
+    if info["verify"] is not None:
+        if info["verify"]["ok"]:
+            lines.append("verify: every shard matches its sha256 and row count in the card")
+        else:
+            lines += [f"verify: {problem}" for problem in info["verify"]["problems"]]
+    return "\n".join(lines)

@@ -1,0 +1,779 @@
+"""Ingest of foreign Parquet / CSV step logs into the canonical format (`offpg ingest parquet`).
+
+One row per step, in any column naming. The adapter maps columns onto schema v1, finds
+episode boundaries, derives what is missing, and streams: files are scanned by polars in
+batches, and only the rows of the episode still open at the end of a batch are carried over.
+
+Rules (each recorded in the card's `source`):
+- Columns named as in schema v1 are used as they are; `--map KEY=COLUMN` (or a TOML mapping)
+  renames. `obs`, `next_obs` and `action` come from one column (list, or scalar for 1-D) or from
+  several scalar columns matched by glob patterns (`--obs-cols 'x_*'`), in the file's column
+  order.
+- Episode boundaries: an episode-id column (rows of an episode contiguous, possibly continuing
+  into the next file), else done flags (`terminated` / `truncated` / `done`: a new episode starts
+  after a flagged row; an episode open at the end of a file ends there). `done` means terminated
+  unless `done_means="truncated"`.
+- `step` is 0..T-1 within the episode when no column gives it.
+- An episode whose last step has neither flag is kept, marked truncated; the count is a warning.
+- `next_obs`, when no column gives it, is the next row's `obs` within the episode. The last step
+  has no next row: its `next_obs` is a copy of its own `obs`. That is harmless after a terminal
+  step (nothing is bootstrapped from it) but wrong after a truncation, so the card counts those
+  episodes and a warning says how many.
+- Propensities: `propensity_col` holds probabilities (`prob`, checked to lie in (0, 1], stored as
+  their log) or log-probabilities / log-densities (`logp`); probabilities are refused for
+  continuous actions. A column named `logged_logp` is taken as log-probabilities by default.
+- Actions: an integer column is Discrete(max + 1); a float or list column is a Box with the
+  observed bounds; unless an action space is given (or `--env` names an environment gymnasium
+  can build, whose spaces are then used and checked).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import tomllib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from offpg_offline.data import schema as sc
+from offpg_offline.data.spaces import flatten_space, space_from_json, space_to_json
+from offpg_offline.data.store import SourcedTable, file_sha256, read_card, write_dataset
+
+MAP_KEYS = ("episode_id", "step", "obs", "action", "reward", "next_obs", "terminated",
+            "truncated", "done")
+PROPENSITY_KINDS = ("prob", "logp")
+DONE_MEANINGS = ("terminated", "truncated")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+CSV_SUFFIXES = (".csv", ".tsv")
+DEFAULT_BATCH_ROWS = 262_144
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ColumnMapping:
+    """How the columns of a foreign log map onto schema v1.
+
+    Attributes:
+        columns: canonical key (one of `MAP_KEYS`) → the file's column name.
+        obs_cols: glob patterns of scalar columns forming `obs` (file column order).
+        next_obs_cols: the same for `next_obs`.
+        action_cols: the same for a continuous action vector.
+        propensity_col: the column holding the behavior policy's propensity, if any.
+        propensity_kind: "prob" (probabilities) or "logp" (log-probabilities / log-densities).
+        done_means: what a `done` column means: "terminated" or "truncated".
+    """
+
+    columns: Mapping[str, str] = field(default_factory=dict)
+    obs_cols: tuple[str, ...] = ()
+    next_obs_cols: tuple[str, ...] = ()
+    action_cols: tuple[str, ...] = ()
+    propensity_col: str | None = None
+    propensity_kind: str = "logp"
+    done_means: str = "terminated"
+
+    def __post_init__(self) -> None:
+        if unknown := sorted(set(self.columns) - set(MAP_KEYS)):
+            raise ValueError(f"unknown mapping key {unknown[0]!r}: the keys are "
+                             f"{', '.join(MAP_KEYS)}")
+        if self.propensity_kind not in PROPENSITY_KINDS:
+            raise ValueError(f"propensity kind must be 'prob' or 'logp', got "
+                             f"{self.propensity_kind!r}")
+        if self.done_means not in DONE_MEANINGS:
+            raise ValueError(f"done_means must be 'terminated' or 'truncated', got "
+                             f"{self.done_means!r}")
+        for key, cols in (("obs", self.obs_cols), ("next_obs", self.next_obs_cols),
+                          ("action", self.action_cols)):
+            if cols and key in self.columns:
+                raise ValueError(f"{key} is given both as a column ({self.columns[key]!r}) and "
+                                 f"as column patterns ({', '.join(cols)})")
+
+
+def parse_map(items: Sequence[str]) -> dict[str, str]:
+    """Parse `--map KEY=COLUMN` options into a dict (ValueError naming a malformed item)."""
+    columns: dict[str, str] = {}
+    for item in items:
+        key, sep, column = item.partition("=")
+        key, column = key.strip(), column.strip()
+        if not sep or not key or not column:
+            raise ValueError(f"--map {item!r} is not KEY=COLUMN (e.g. --map obs=state)")
+        if key not in MAP_KEYS:
+            raise ValueError(f"--map {item!r}: unknown key {key!r}; the keys are "
+                             f"{', '.join(MAP_KEYS)}")
+        columns[key] = column
+    return columns
+
+
+_TOML_OPTIONS = ("obs_cols", "next_obs_cols", "action_cols", "propensity_col", "propensity_kind",
+                 "done_means")
+
+
+def load_mapping(path: Path) -> ColumnMapping:
+    """Read a TOML mapping file.
+
+    Top-level keys are canonical keys mapped to column names (`obs = "state"`), or options:
+    `obs_cols`, `next_obs_cols`, `action_cols` (a pattern or a list of patterns),
+    `propensity_col`, `propensity_kind`, `done_means`. Unknown keys are an error.
+    """
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: not valid TOML ({err})") from None
+    columns, options = {}, {}
+    for key, value in raw.items():
+        if key in MAP_KEYS:
+            columns[key] = str(value)
+        elif key in _TOML_OPTIONS:
+            if key.endswith("_cols"):
+                value = (value,) if isinstance(value, str) else tuple(str(v) for v in value)
+            options[key] = value
+        else:
+            raise ValueError(f"{path}: unknown key {key!r}; the keys are "
+                             f"{', '.join(MAP_KEYS + _TOML_OPTIONS)}")
+    return ColumnMapping(columns=columns, **options)
+
+
+def merge_mappings(base: ColumnMapping, override: ColumnMapping) -> ColumnMapping:
+    """`base` (a mapping file) with every field that `override` (the command line) sets."""
+    changes: dict[str, Any] = {"columns": {**base.columns, **override.columns}}
+    default = ColumnMapping()
+    for name in _TOML_OPTIONS:
+        value = getattr(override, name)
+        if value != getattr(default, name):
+            changes[name] = value
+    if override.obs_cols:
+        changes["columns"].pop("obs", None)
+    if override.next_obs_cols:
+        changes["columns"].pop("next_obs", None)
+    if override.action_cols:
+        changes["columns"].pop("action", None)
+    return replace(base, **changes)
+
+
+def parse_action_space(text: str) -> Any:
+    """An action space from `discrete:N`, `box:LOW:HIGH:DIM`, or space JSON (the card's form)."""
+    text = text.strip()
+    from gymnasium import spaces
+
+    kind, _, rest = text.partition(":")
+    try:
+        if kind.lower() == "discrete":
+            return spaces.Discrete(int(rest))
+        if kind.lower() == "box":
+            low, high, dim = rest.split(":")
+            return spaces.Box(float(low), float(high), (int(dim),), dtype=np.float32)
+        return space_from_json(json.loads(text))
+    except (ValueError, json.JSONDecodeError):
+        raise ValueError(f"action space {text!r} is not discrete:N, box:LOW:HIGH:DIM or space "
+                         f"JSON") from None
+
+
+# --- planning: which columns make which canonical field ----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Vector:
+    """Where a vector field comes from: one list column, or several scalar columns."""
+
+    columns: tuple[str, ...]
+    is_list: bool
+
+    @property
+    def label(self) -> str:
+        return ", ".join(self.columns)
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    file: str
+    episode_id: str | None
+    step: str | None
+    obs: _Vector
+    next_obs: _Vector | None
+    action: _Vector
+    action_discrete: bool
+    reward: str
+    terminated: str | None
+    truncated: str | None
+    done: str | None
+    propensity: str | None
+    propensity_kind: str
+
+    def needed(self) -> list[str]:
+        names = [self.episode_id, self.step, *self.obs.columns,
+                 *(self.next_obs.columns if self.next_obs else ()), *self.action.columns,
+                 self.reward, self.terminated, self.truncated, self.done, self.propensity]
+        return list(dict.fromkeys(n for n in names if n is not None))
+
+    def labels(self) -> dict[str, str]:
+        labels = {sc.OBS: self.obs.label, sc.ACTION: self.action.label, sc.REWARD: self.reward}
+        for key in ("episode_id", "step", "terminated", "truncated"):
+            if (name := getattr(self, key)) is not None:
+                labels[key] = name
+        if self.next_obs is not None:
+            labels[sc.NEXT_OBS] = self.next_obs.label
+        if self.propensity is not None:
+            labels[sc.LOGGED_LOGP] = self.propensity
+        return labels
+
+    def describe(self) -> dict[str, Any]:
+        """The mapping as recorded in the card."""
+        columns = {key: value for key, value in self.labels().items()}
+        if self.done is not None:
+            columns["done"] = self.done
+        return columns
+
+
+def _is_list(dtype: pl.DataType) -> bool:
+    return isinstance(dtype, pl.List | pl.Array)
+
+
+def _resolve(schema: pl.Schema, mapping: ColumnMapping, file: str,
+             action_space: Any) -> _Plan:
+    def column(key: str, required: bool = False) -> str | None:
+        name = mapping.columns.get(key)
+        if name is not None:
+            if name not in schema:
+                raise sc.DataError.at(file, name, None, f"is missing (mapped to {key})")
+            return name
+        if key in schema:
+            return key
+        if required:
+            raise sc.DataError(f"{file}: no '{key}' column: name one with --map {key}=COLUMN.",
+                               source=file)
+        return None
+
+    def patterns(key: str, globs: tuple[str, ...]) -> tuple[str, ...]:
+        names = [n for n in schema if any(fnmatch.fnmatchcase(n, g) for g in globs)]
+        if not names:
+            raise sc.DataError(f"{file}: no column matches the {key} pattern(s) "
+                               f"{', '.join(globs)}.", source=file)
+        for name in names:
+            if _is_list(schema[name]) or not schema[name].is_numeric():
+                raise sc.DataError.at(file, name, None, f"has type {schema[name]}, but columns "
+                                                        f"matched for {key} must be numeric "
+                                                        f"scalars")
+        return tuple(names)
+
+    def vector(key: str, globs: tuple[str, ...], required: bool) -> _Vector | None:
+        if globs:
+            return _Vector(patterns(key, globs), is_list=False)
+        name = column(key)
+        if name is None:
+            if required:
+                raise sc.DataError(f"{file}: no observation column: name one with --map "
+                                   f"{key}=COLUMN or --{key.replace('_', '-')}-cols PATTERN.",
+                                   source=file)
+            return None
+        if not _is_list(schema[name]) and not schema[name].is_numeric():
+            raise sc.DataError.at(file, name, None, f"has type {schema[name]}, but {key} must be "
+                                                    f"a list of numbers or a number")
+        return _Vector((name,), is_list=_is_list(schema[name]))
+
+    obs = vector("obs", mapping.obs_cols, required=True)
+    assert obs is not None
+    next_obs = vector("next_obs", mapping.next_obs_cols, required=False)
+    if mapping.action_cols:
+        action = _Vector(patterns("action", mapping.action_cols), is_list=False)
+        discrete = False
+    else:
+        name = column("action", required=True)
+        assert name is not None
+        dtype = schema[name]
+        if not _is_list(dtype) and not dtype.is_numeric():
+            raise sc.DataError.at(file, name, None, f"has type {dtype}, but actions must be "
+                                                    f"integers, floats or lists of floats")
+        action = _Vector((name,), is_list=_is_list(dtype))
+        discrete = dtype.is_integer()
+    from gymnasium import spaces
+
+    if isinstance(action_space, spaces.Discrete):
+        if action.is_list or len(action.columns) > 1:
+            raise sc.DataError.at(file, action.label, None, "holds vectors, but the action space "
+                                                            "is Discrete")
+        discrete = True
+    elif isinstance(action_space, spaces.Box):
+        discrete = False
+    reward = column("reward", required=True)
+    assert reward is not None
+    flags = {key: column(key) for key in ("terminated", "truncated", "done")}
+    for key, name in flags.items():
+        if name is not None and not (schema[name] == pl.Boolean or schema[name].is_integer()):
+            raise sc.DataError.at(file, name, None, f"has type {schema[name]}, but {key} flags "
+                                                    f"must be booleans or 0/1 integers")
+    episode_id = column("episode_id")
+    if episode_id is None and not any(flags.values()):
+        raise sc.DataError(f"{file}: no episode boundaries: give an episode id column (--map "
+                           f"episode_id=COLUMN) or done flags (terminated, truncated or done).",
+                           source=file)
+    propensity, kind = mapping.propensity_col, mapping.propensity_kind
+    if propensity is not None and propensity not in schema:
+        raise sc.DataError.at(file, propensity, None, "is missing (given as the propensity "
+                                                      "column)")
+    if propensity is None and sc.LOGGED_LOGP in schema:
+        propensity, kind = sc.LOGGED_LOGP, "logp"
+    if propensity is not None and kind == "prob" and not discrete:
+        raise sc.DataError.at(file, propensity, None, "holds probabilities, which are not "
+                                                      "defined for continuous actions (give "
+                                                      "log-densities with --propensity-kind logp)")
+    return _Plan(file=file, episode_id=episode_id, step=column("step"), obs=obs,
+                 next_obs=next_obs, action=action, action_discrete=discrete, reward=reward,
+                 terminated=flags["terminated"], truncated=flags["truncated"],
+                 done=flags["done"], propensity=propensity, propensity_kind=kind)
+
+
+# --- batches of foreign rows → numpy ------------------------------------------------------------
+
+
+def _first_row(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+class _Converter:
+    """Turns polars batches of one file into numpy arrays, with checks naming the file's rows."""
+
+    def __init__(self, plan: _Plan, dims: dict[str, int | None]) -> None:
+        self.plan, self.dims = plan, dims
+        self._string_ids: dict[str, int] = {}
+
+    def _check_nulls(self, frame: pl.DataFrame, first_row: int) -> None:
+        for name in self.plan.needed():
+            series = frame.get_column(name)
+            if series.null_count():
+                row = first_row + int(series.is_null().arg_max() or 0)
+                raise sc.DataError.at(self.plan.file, name, row, "is null")
+
+    def _vector(self, frame: pl.DataFrame, vector: _Vector, key: str, first_row: int) -> np.ndarray:
+        if not vector.is_list:
+            values = frame.select(vector.columns).to_numpy().astype(np.float32, copy=False)
+        else:
+            arrow = frame.get_column(vector.columns[0]).to_arrow()
+            if pa.types.is_fixed_size_list(arrow.type):
+                values = sc.vector_values(arrow.cast(pa.list_(pa.float32(), arrow.type.list_size)))
+            else:
+                lengths = pc.list_value_length(arrow).to_numpy(zero_copy_only=False)
+                expected = self.dims.get(key) or (int(lengths[0]) if len(lengths) else 0)
+                bad = lengths != expected
+                if bad.any():
+                    row = _first_row(bad)
+                    raise sc.DataError.at(
+                        self.plan.file, vector.label, first_row + row,
+                        f"inconsistent {key} dimension: {lengths[row]} values where earlier rows "
+                        f"have {expected}")
+                flat = pc.list_flatten(arrow).cast(pa.float32()).to_numpy(zero_copy_only=False)
+                values = flat.reshape(len(lengths), expected)
+        values = values.reshape(len(frame), -1)
+        expected_dim = self.dims.setdefault(key, values.shape[1])
+        if values.shape[1] != expected_dim:
+            raise sc.DataError.at(self.plan.file, vector.label, first_row,
+                                  f"inconsistent {key} dimension: {values.shape[1]} values where "
+                                  f"earlier rows have {expected_dim}")
+        return values
+
+    def _flag(self, frame: pl.DataFrame, name: str | None) -> np.ndarray:
+        if name is None:
+            return np.zeros(len(frame), dtype=bool)
+        return np.asarray(frame.get_column(name).to_numpy()).astype(bool)
+
+    def _episode_ids(self, series: pl.Series, first_row: int) -> np.ndarray:
+        if series.dtype.is_integer():
+            return series.to_numpy().astype(np.int64, copy=False)
+        if series.dtype.is_float():
+            values = series.to_numpy()
+            bad = values != np.round(values)
+            if bad.any():
+                row = _first_row(bad)
+                raise sc.DataError.at(self.plan.file, series.name, first_row + row,
+                                      f"episode id {values[row]} is not an integer")
+            return values.astype(np.int64)
+        # Other ids (strings, uuids): number each distinct id by first appearance. The Python
+        # loop runs once per episode run, not per row.
+        values = series.cast(pl.String).to_numpy()
+        starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
+        numbers = np.empty(len(starts), dtype=np.int64)
+        for i, key in enumerate(values[starts]):
+            numbers[i] = self._string_ids.setdefault(key, len(self._string_ids))
+        lengths = np.diff(np.r_[starts, len(values)])
+        return np.repeat(numbers, lengths)
+
+    def _propensity(self, frame: pl.DataFrame, first_row: int) -> np.ndarray | None:
+        name = self.plan.propensity
+        if name is None:
+            return None
+        values = frame.get_column(name).cast(pl.Float64).to_numpy()
+        if self.plan.propensity_kind == "logp":
+            return values
+        bad = ~((values > 0) & (values <= 1))
+        if bad.any():
+            row = _first_row(bad)
+            raise sc.DataError.at(self.plan.file, name, first_row + row,
+                                  f"probability {values[row]} lies outside (0, 1]")
+        return np.log(values)
+
+    def _action(self, frame: pl.DataFrame, first_row: int) -> np.ndarray:
+        action = self.plan.action
+        if not self.plan.action_discrete:
+            return self._vector(frame, action, "action", first_row)
+        series = frame.get_column(action.columns[0])
+        if series.dtype.is_integer():
+            return series.to_numpy().astype(np.int64, copy=False)
+        values = series.to_numpy()
+        bad = values != np.round(values)
+        if bad.any():
+            row = _first_row(bad)
+            raise sc.DataError.at(self.plan.file, action.label, first_row + row,
+                                  f"action {values[row]} is not an integer, but the action "
+                                  f"space is Discrete")
+        return values.astype(np.int64)
+
+    def convert(self, frame: pl.DataFrame, file_index: int, first_row: int) -> dict[str, Any]:
+        plan = self.plan
+        self._check_nulls(frame, first_row)
+        rows: dict[str, Any] = {
+            "episode_id": (None if plan.episode_id is None
+                           else self._episode_ids(frame.get_column(plan.episode_id), first_row)),
+            "step": (None if plan.step is None
+                     else frame.get_column(plan.step).to_numpy().astype(np.int64)),
+            "obs": self._vector(frame, plan.obs, "obs", first_row),
+            "next_obs": (None if plan.next_obs is None
+                         else self._vector(frame, plan.next_obs, "next_obs", first_row)),
+            "action": self._action(frame, first_row),
+            "reward": frame.get_column(plan.reward).cast(pl.Float64).to_numpy(),
+            "terminated": self._flag(frame, plan.terminated),
+            "truncated": self._flag(frame, plan.truncated),
+            "done": self._flag(frame, plan.done),
+            "logp": self._propensity(frame, first_row),
+            "file_index": np.full(len(frame), file_index, dtype=np.int32),
+            "file_row": np.arange(first_row, first_row + len(frame), dtype=np.int64),
+        }
+        return rows
+
+
+# --- assembling whole episodes ------------------------------------------------------------------
+
+
+def _concat(carry: dict[str, Any] | None, rows: dict[str, Any]) -> dict[str, Any]:
+    if carry is None:
+        return rows
+    out: dict[str, Any] = {}
+    for key, value in rows.items():
+        previous = carry[key]
+        if (value is None) != (previous is None):
+            raise sc.DataError(f"column for {key} is present in one file and absent in the "
+                               f"next file of the same episode.")
+        out[key] = None if value is None else np.concatenate([previous, value])
+    return out
+
+
+def _take(rows: dict[str, Any], start: int, stop: int | None) -> dict[str, Any]:
+    return {k: None if v is None else v[start:stop] for k, v in rows.items()}
+
+
+@dataclass
+class _Counts:
+    episodes: int = 0
+    unflagged: int = 0           # episodes whose last step had neither flag (kept as truncated)
+    next_obs_copied: int = 0     # episodes whose last next_obs is a copy of obs
+    next_obs_copied_truncated: int = 0
+
+
+class _Assembler:
+    """Cuts a stream of converted rows into tables of whole episodes."""
+
+    def __init__(self, *, by_id: bool, done_means: str, files: list[str],
+                 labels: Callable[[], Mapping[str, str]]) -> None:
+        self.by_id, self.done_means, self.files = by_id, done_means, files
+        self.labels = labels
+        self.carry: dict[str, Any] | None = None
+        self.next_id = 0
+        self.counts = _Counts()
+
+    def push(self, rows: dict[str, Any], *, final: bool) -> Iterator[SourcedTable]:
+        buffer = _concat(self.carry, rows)
+        self.carry = None
+        n = len(buffer["reward"])
+        if n == 0:
+            return
+        if final:
+            cut = n
+        elif self.by_id:
+            ids = buffer["episode_id"]
+            starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+            cut = int(starts[-1])
+        else:
+            done = buffer["terminated"] | buffer["truncated"] | buffer["done"]
+            flagged = np.flatnonzero(done)
+            cut = int(flagged[-1]) + 1 if len(flagged) else 0
+        if cut < n:
+            self.carry = _take(buffer, cut, None)
+        if cut > 0:
+            yield self._table(_take(buffer, 0, cut))
+
+    def flush(self) -> Iterator[SourcedTable]:
+        """Close the episode still open (end of the input, or of a file in done-flag mode)."""
+        if self.carry is not None:
+            yield from self.push(_take(self.carry, 0, 0), final=True)
+
+    def _table(self, rows: dict[str, Any]) -> SourcedTable:
+        n = len(rows["reward"])
+        terminated, truncated = rows["terminated"].copy(), rows["truncated"].copy()
+        if self.by_id:
+            episode_id = rows["episode_id"]
+            start = np.r_[True, episode_id[1:] != episode_id[:-1]]
+        else:
+            done = terminated | truncated | rows["done"]
+            start = np.r_[True, done[:-1]]
+            episode_id = self.next_id + np.cumsum(start) - 1
+            self.next_id += int(start.sum())
+        last = np.r_[start[1:], True]
+        done_only = rows["done"] & ~(terminated | truncated)
+        if self.done_means == "terminated":
+            terminated |= done_only
+        else:
+            truncated |= done_only
+        unflagged = last & ~(terminated | truncated)
+        truncated |= unflagged
+        self.counts.unflagged += int(unflagged.sum())
+        self.counts.episodes += int(start.sum())
+        start_rows = np.flatnonzero(start)
+        lengths = np.diff(np.r_[start_rows, n])
+        step = rows["step"]
+        if step is None:
+            step = np.arange(n) - np.repeat(start_rows, lengths)
+        obs, next_obs = rows["obs"], rows["next_obs"]
+        if next_obs is None:
+            next_obs = np.empty_like(obs)
+            next_obs[:-1] = obs[1:]
+            next_obs[last] = obs[last]
+            self.counts.next_obs_copied += int(last.sum())
+            self.counts.next_obs_copied_truncated += int((last & truncated & ~terminated).sum())
+        table = sc.steps_table(
+            episode_id=episode_id, step=step, obs=obs, action=rows["action"],
+            reward=rows["reward"], next_obs=next_obs, terminated=terminated, truncated=truncated,
+            logged_logp=rows["logp"])
+        file_index, file_row = rows["file_index"], rows["file_row"]
+
+        def locate(row: int) -> tuple[str, int]:
+            return self.files[int(file_index[row])], int(file_row[row])
+
+        return SourcedTable(table, self.files[int(file_index[0])], 0, locate, self.labels())
+
+
+# --- the job ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """What `ingest_parquet` wrote and what the user should know about it."""
+
+    path: Path
+    card: dict[str, Any]
+    warnings: list[str]
+
+
+def input_files(paths: Sequence[Path]) -> list[Path]:
+    """Expand folders into their Parquet/CSV files (sorted); check that every file exists."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir()
+                           if p.suffix.lower() in PARQUET_SUFFIXES + CSV_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"{path}: no .parquet or .csv files in this folder.")
+            files.extend(found)
+        elif path.is_file():
+            if path.suffix.lower() not in PARQUET_SUFFIXES + CSV_SUFFIXES:
+                raise ValueError(f"{path}: unknown file type {path.suffix!r}; give .parquet or "
+                                 f".csv files.")
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder.")
+    if not files:
+        raise ValueError("no input files given.")
+    return files
+
+
+def _scan(path: Path) -> pl.LazyFrame:
+    suffix = path.suffix.lower()
+    if suffix in PARQUET_SUFFIXES:
+        return pl.scan_parquet(path)
+    return pl.scan_csv(path, separator="\t" if suffix == ".tsv" else ",",
+                       infer_schema_length=10_000)
+
+
+def count_rows(files: Sequence[Path]) -> int | None:
+    """Total rows of Parquet inputs from their footers (None when a CSV is among them)."""
+    import pyarrow.parquet as pq
+
+    if any(f.suffix.lower() not in PARQUET_SUFFIXES for f in files):
+        return None
+    return sum(pq.read_metadata(f).num_rows for f in files)
+
+
+def _env_spaces(env_id: str) -> tuple[Any, Any, str | None]:
+    """(observation space, action space, None) of a gymnasium env, or (None, None, reason)."""
+    try:
+        import gymnasium
+
+        env = gymnasium.make(env_id)
+    except Exception as err:  # any failure to build: keep the id only, say why
+        return None, None, f"{type(err).__name__}: {err}"
+    try:
+        return env.observation_space, env.action_space, None
+    finally:
+        env.close()
+
+
+def ingest_parquet(
+    paths: Sequence[Path],
+    out: Path,
+    *,
+    mapping: ColumnMapping | None = None,
+    action_space: Any = None,
+    env_id: str | None = None,
+    name: str | None = None,
+    description: str | None = None,
+    overwrite: bool = False,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    rows_per_file: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> IngestResult:
+    """Convert foreign Parquet / CSV step logs into a canonical dataset at `out`.
+
+    Args:
+        paths: files or folders (their .parquet/.csv files, sorted), read in the order given.
+        out: destination dataset folder.
+        mapping: column mapping (default: canonical names).
+        action_space: a gymnasium Box/Discrete to check actions against (default: the env's
+            when `env_id` can be built, else inferred from the data).
+        env_id: gymnasium id recorded in the card's env_spec.
+        name, description: card fields.
+        overwrite: replace an existing dataset at `out`.
+        batch_rows: rows per streamed batch (memory is O(batch_rows + longest episode)).
+        rows_per_file: shard size (default: the store's).
+        progress: called with the number of input rows of each batch once it is written.
+
+    Returns:
+        The dataset path, its card and warnings (one sentence each).
+
+    Raises:
+        DataError: the input violates the schema (the message names file, column and row).
+        FileNotFoundError: an input is missing.
+        ValueError: bad options.
+    """
+    mapping = mapping or ColumnMapping()
+    files = input_files(paths)
+    names = [str(f) for f in files]
+    warnings: list[str] = []
+    observation_space = None
+    if env_id is not None:
+        env_obs, env_action, reason = _env_spaces(env_id)
+        if reason is not None:
+            warnings.append(f"environment {env_id} could not be built here ({reason}); only its "
+                            f"id is recorded and the spaces are inferred from the data.")
+        else:
+            observation_space = flatten_space(env_obs)
+            if action_space is None:
+                action_space = env_action
+    plans: list[_Plan] = []
+    for file in files:
+        schema = _scan(file).collect_schema()
+        plans.append(_resolve(schema, mapping, str(file), action_space))
+    by_id = plans[0].episode_id is not None
+    for plan in plans[1:]:
+        if (plan.episode_id is not None) != by_id:
+            raise sc.DataError(f"{plan.file}: episode boundaries differ from {plans[0].file} "
+                               f"(one has an episode id column, the other not).",
+                               source=plan.file)
+    current: list[_Plan] = [plans[0]]
+    assembler = _Assembler(by_id=by_id, done_means=mapping.done_means, files=names,
+                           labels=lambda: current[0].labels())
+    dims: dict[str, int | None] = {}
+    source: dict[str, Any] = {
+        "kind": "parquet-ingest",
+        "files": [{"path": str(f.resolve()), "bytes": f.stat().st_size} for f in files],
+        "columns": plans[0].describe(),
+        "episode_boundaries": (f"episode id column '{plans[0].episode_id}'" if by_id
+                               else f"done flags (a done column means {mapping.done_means})"),
+    }
+    card: dict[str, Any] = {
+        "name": name or Path(out).name,
+        "description": description or f"Ingested from {len(files)} file(s) by offpg ingest "
+                                      f"parquet.",
+        "observation_space": None if observation_space is None else space_to_json(
+            observation_space),
+        "action_space": None if action_space is None else space_to_json(action_space),
+        "env_spec": None if env_id is None else {"id": env_id},
+        "source": source,
+        "behavior": None,
+    }
+    if plans[0].propensity is not None:
+        kind = ("probabilities, stored as their log" if plans[0].propensity_kind == "prob"
+                else "log-probabilities")
+        card["propensity"] = {"logged_logp": {"source": f"input column '{plans[0].propensity}' "
+                                                        f"({kind})"}}
+
+    # Hash the inputs in a thread while they are ingested (hashlib releases the GIL).
+    hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offpg-sha256")
+    digests = [hashing.submit(file_sha256, f) for f in files]
+
+    def tables() -> Iterator[SourcedTable]:
+        for index, (file, plan) in enumerate(zip(files, plans, strict=True)):
+            current[0] = plan
+            converter = _Converter(plan, dims)
+            first_row = 0
+            frames = _scan(file).select(plan.needed()).collect_batches(chunk_size=batch_rows)
+            for frame in frames:
+                rows = converter.convert(frame, index, first_row)
+                first_row += len(frame)
+                yield from assembler.push(rows, final=False)
+            source["files"][index]["rows"] = first_row
+            if not by_id:  # an episode open at the end of a file ends there
+                yield from assembler.flush()
+        yield from assembler.flush()
+        # write_dataset reads the card once the stream is exhausted: record what streaming found.
+        for entry, digest in zip(source["files"], digests, strict=True):
+            entry["sha256"] = digest.result()
+        counts = assembler.counts
+        source["episodes_without_end_flag"] = counts.unflagged
+        if plans[0].next_obs is None:
+            source["next_obs"] = {
+                "derived": "the next row's obs within the episode; the last step's next_obs is "
+                           "a copy of its own obs",
+                "episodes_with_copied_last_next_obs": counts.next_obs_copied,
+                "of_which_truncated": counts.next_obs_copied_truncated,
+            }
+
+    def count(rows: int) -> None:
+        if progress is not None:
+            progress(rows)
+
+    kwargs = {} if rows_per_file is None else {"rows_per_file": rows_per_file}
+    try:
+        write_dataset(Path(out), tables(), card=card, overwrite=overwrite, progress=count,
+                      **kwargs)
+    except pl.exceptions.PolarsError as err:
+        raise sc.DataError(f"{current[0].file}: could not be read ({_one_line(err)}).",
+                           source=current[0].file) from None
+    finally:
+        hashing.shutdown(wait=True, cancel_futures=True)
+    counts = assembler.counts
+    if counts.unflagged:
+        warnings.append(f"{counts.unflagged} of {counts.episodes} episodes end with neither "
+                        f"terminated nor truncated; they are kept as truncated.")
+    if counts.next_obs_copied_truncated:
+        warnings.append(f"{counts.next_obs_copied_truncated} truncated episodes have no next_obs "
+                        f"for their last step; it is a copy of obs there (map a next_obs column "
+                        f"to give the true one).")
+    return IngestResult(Path(out), read_card(Path(out)), warnings)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
