@@ -16,7 +16,9 @@ Propensities: a logged π_β in the infos goes to `logged_logp`. Recognised keys
 `propensity_key` (a path such as "agent/logp" for nested infos) and `propensity_kind`
 override the choice. Infos hold T+1 entries when they include the reset info (Minari's
 DataCollector: entry 0 comes from `reset`, entry t+1 from the `step` that took a_t), so the
-propensity of a_t is entry t+1; with exactly T entries (hand-built buffers, hdf5) it is entry t.
+propensity of a_t is entry t+1; with exactly T entries (hand-built buffers, hdf5) it is entry t;
+with T+1 entries whose last is NaN and first is not (a hand-built buffer padded for arrow) it is
+entry t too. The card records which layout was read.
 
 Arrow storage with plain columns (Box, Discrete, Dict/Tuple of those) is read with pyarrow
 directly, in Minari's on-disk layout (4x faster than Minari's per-row decoding); hdf5 and
@@ -30,6 +32,7 @@ minari 0.5.4 that are handled:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -69,6 +72,7 @@ class _Episode:
 class _Propensity:
     key: str
     kind: str  # "prob" or "logp"
+    skip_first: bool = True  # with T+1 entries: drop entry 0 (reset info), else drop entry T
 
 
 # --- locating the dataset ----------------------------------------------------------------------
@@ -97,7 +101,11 @@ def _find_data_path(id_or_path: str | Path, *, download: bool) -> Path:
                 f"Minari dataset {dataset_id} is not a local path and is not in the local Minari "
                 f"store ({minari.storage.get_dataset_path()}); pass --download to fetch it"
             ) from None
-    minari.download_dataset(dataset_id)  # needs network access; not exercised by the tests
+    try:  # needs network access: not exercised by the tests
+        minari.download_dataset(dataset_id)
+    except Exception as err:  # network, authentication, unknown remote id: one sentence
+        raise FileNotFoundError(f"Minari dataset {dataset_id} could not be downloaded "
+                                f"({type(err).__name__}: {err})") from err
     return Path(minari.load_dataset(dataset_id).storage.data_path)
 
 
@@ -321,26 +329,45 @@ def _choose_propensity(
     return _Propensity(key=key, kind=kind)
 
 
-def _episode_propensity(episode: _Episode, propensity: _Propensity, steps: int,
-                        source: str) -> np.ndarray:
-    values = _info_value(episode.infos, propensity.key)
+def _info_numbers(episode: _Episode, key: str, source: str) -> np.ndarray:
+    """infos[key] of one episode as a 1-D float64 array."""
+    values = _info_value(episode.infos, key)
     if values is None:
-        raise ValueError(f"{source}: episode {episode.id} has no info {propensity.key!r} "
-                         f"(other episodes do)")
+        raise ValueError(f"{source}: episode {episode.id} has no info {key!r} (other episodes "
+                         f"do)")
     values = np.asarray(values)
     if values.ndim == 2 and values.shape[1] == 1:
         values = values[:, 0]
     if values.ndim != 1 or not np.issubdtype(values.dtype, np.number):
-        raise ValueError(f"{source}: episode {episode.id}: infos[{propensity.key!r}] must hold "
-                         f"one number per step, got an array of shape {values.shape} and dtype "
+        raise ValueError(f"{source}: episode {episode.id}: infos[{key!r}] must hold one number "
+                         f"per step, got an array of shape {values.shape} and dtype "
                          f"{values.dtype}")
+    return values.astype(np.float64)
+
+
+def _align(propensity: _Propensity, first: _Episode, source: str) -> _Propensity:
+    """With T+1 entries, drop entry T instead of entry 0 when only entry T is a NaN placeholder.
+
+    Minari's DataCollector puts the reset info first, so entry t+1 belongs to a_t. A buffer built
+    by hand with one entry per action, padded at the end to T+1 (arrow storage requires T+1),
+    shows itself by a NaN in the last entry and a number in the first.
+    """
+    values = _info_numbers(first, propensity.key, source)
+    if (len(values) == len(first.rewards) + 1 and np.isnan(values[-1])
+            and not np.isnan(values[0])):
+        return dataclasses.replace(propensity, skip_first=False)
+    return propensity
+
+
+def _episode_propensity(episode: _Episode, propensity: _Propensity, steps: int,
+                        source: str) -> np.ndarray:
+    values = _info_numbers(episode, propensity.key, source)
     if len(values) == steps + 1:
-        values = values[1:]  # entry 0 is the reset info
+        values = values[1:] if propensity.skip_first else values[:-1]
     elif len(values) != steps:
         raise ValueError(f"{source}: episode {episode.id}: infos[{propensity.key!r}] has "
                          f"{len(values)} entries for {steps} steps (expected {steps} or "
                          f"{steps + 1})")
-    values = values.astype(np.float64)
     if propensity.kind == "prob":
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.log(values)  # p ∉ (0, 1] fails schema validation as logp NaN / -inf / > 0
@@ -433,6 +460,8 @@ def ingest_minari(
         raise ValueError(f"{source_name}: the dataset has no episodes (empty input)")
     propensity = _choose_propensity(first.infos, propensity_key, propensity_kind, continuous,
                                     source_name)
+    if propensity is not None:
+        propensity = _align(propensity, first, source_name)
     ended_without_flag = [0]
 
     def tables() -> Iterator[SourcedTable]:
@@ -498,9 +527,12 @@ def ingest_minari(
 def _propensity_card(propensity: _Propensity) -> dict[str, str]:
     what = ("probability, stored as its log" if propensity.kind == "prob"
             else "log-probability or log-density")
+    layout = ("infos[t+1] when infos have T+1 entries (entry 0 comes from reset)"
+              if propensity.skip_first else
+              "infos[t] (T+1 entries whose last one is a NaN placeholder)")
     return {
-        "source": f"Minari infos[{propensity.key!r}] ({what}); the entry of a_t is infos[t+1] "
-                  f"when infos have T+1 entries (entry 0 comes from reset), infos[t] when T",
+        "source": f"Minari infos[{propensity.key!r}] ({what}); the entry of a_t is {layout}, "
+                  f"infos[t] when there are T entries",
         "info_key": propensity.key,
         "kind": propensity.kind,
     }

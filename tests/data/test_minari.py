@@ -155,6 +155,19 @@ def test_infos_with_one_entry_per_step_are_aligned_to_steps(tmp_path, cartpole_l
 
 
 @pytest.mark.parametrize("data_format", ["arrow", "hdf5"])
+def test_entries_padded_at_the_end_with_nan_are_aligned_to_steps(
+        tmp_path, cartpole_log, data_format) -> None:
+    # A hand-built buffer: one entry per action, padded to T+1 with NaN for arrow storage.
+    _make_minari(f"cartpole/pad-{data_format}-v0", cartpole_log, "CartPole-v1", data_format,
+                 lambda logp: {"logp": [*logp.tolist(), float("nan")]})
+
+    out = ingest_minari(f"cartpole/pad-{data_format}-v0", tmp_path / "ds")
+
+    _assert_equal_to_log(out, cartpole_log)
+    assert "NaN placeholder" in read_card(out)["propensity"]["logged_logp"]["source"]
+
+
+@pytest.mark.parametrize("data_format", ["arrow", "hdf5"])
 def test_nested_info_key_is_found_by_path(tmp_path, cartpole_log, data_format) -> None:
     # arrow storage returns nested infos as an object array of per-step dicts.
     _make_minari(f"cartpole/nested-{data_format}-v0", cartpole_log, "CartPole-v1", data_format,
@@ -260,6 +273,27 @@ def test_dict_observations_are_flattened_like_gymnasium(tmp_path) -> None:
         assert card["observation_space"]["shape"] == [5]  # 2 + one-hot of 3
         assert card["source"]["original_observation_space"]["type"] == "Dict"
         assert card["env_spec"] is None
+
+
+def test_tuple_observations_are_flattened_like_gymnasium(tmp_path) -> None:
+    space = gym.spaces.Tuple((gym.spaces.Discrete(2, start=1),
+                              gym.spaces.Box(-5.0, 5.0, shape=(3,), dtype=np.float32)))
+    rng = np.random.default_rng(2)
+    first = rng.integers(1, 3, 5)
+    second = rng.uniform(-5, 5, (5, 3)).astype(np.float32)
+    buffer = EpisodeBuffer(id=0, observations=(first, second), actions=rng.integers(0, 2, 4),
+                           rewards=[0.5] * 4, terminations=[False] * 3 + [True],
+                           truncations=[False] * 4)
+    expected = np.stack([gym.spaces.flatten(space, (int(first[t]), second[t])) for t in range(5)])
+    for data_format in ("arrow", "hdf5"):
+        minari.create_dataset_from_buffers(
+            f"tuple/obs-{data_format}-v0", [buffer], observation_space=space,
+            action_space=gym.spaces.Discrete(2), data_format=data_format)
+
+        got = _columns(ingest_minari(f"tuple/obs-{data_format}-v0", tmp_path / data_format))
+
+        np.testing.assert_array_equal(got["obs"], expected[:-1])
+        np.testing.assert_array_equal(got["next_obs"], expected[1:])
 
 
 def test_episode_without_end_flag_is_kept_as_truncated(tmp_path) -> None:
