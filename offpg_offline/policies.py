@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -46,7 +47,8 @@ def mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _as_tensor(values: Any, dim: int, default: float) -> Tensor:
+def as_vector(values: Any, dim: int, default: float) -> Tensor:
+    """`values` as a float32 [dim] tensor (a copy), or `default` everywhere when None."""
     if values is None:
         return torch.full((dim,), default, dtype=torch.float32)
     tensor = torch.as_tensor(np.asarray(values, dtype=np.float32)).reshape(-1).clone()
@@ -55,15 +57,50 @@ def _as_tensor(values: Any, dim: int, default: float) -> Tensor:
     return tensor
 
 
-def _obs_buffers(module: nn.Module, obs_dim: int, obs_mean: Any, obs_std: Any) -> None:
+def register_obs_normalization(
+    module: nn.Module, obs_dim: int, obs_mean: Any, obs_std: Any
+) -> None:
     """Register `obs_mean`/`obs_std` buffers; std ≤ 1e-6 (a constant feature) becomes 1."""
-    std = _as_tensor(obs_std, obs_dim, 1.0)
+    std = as_vector(obs_std, obs_dim, 1.0)
     std = torch.where(std > 1e-6, std, torch.ones_like(std))
-    module.register_buffer("obs_mean", _as_tensor(obs_mean, obs_dim, 0.0))
+    module.register_buffer("obs_mean", as_vector(obs_mean, obs_dim, 0.0))
     module.register_buffer("obs_std", std)
 
 
-def _check_obs(obs: Tensor, obs_dim: int) -> None:
+GAUSSIAN_KINDS = ("gaussian", "tanh-gaussian", "truncated-gaussian")
+
+
+def gaussian_kind(base: str, *, squash: bool, truncate: bool) -> str:
+    """`base`, `tanh-<base>` or `truncated-<base>`: the spec name of a bounded variant."""
+    return f"tanh-{base}" if squash else f"truncated-{base}" if truncate else base
+
+
+def register_action_bounds(
+    module: nn.Module,
+    action_dim: int,
+    low: Any,
+    high: Any,
+    *,
+    bounded: bool,
+    squash: bool,
+    truncate: bool,
+) -> None:
+    """Register `action_low`/`action_high` buffers, checking what the bounded variants need."""
+    if squash and truncate:
+        raise ValueError("choose tanh squashing or truncation for bounded actions, not both")
+    low_t = as_vector(low, action_dim, -math.inf)
+    high_t = as_vector(high, action_dim, math.inf)
+    if bounded and not (torch.isfinite(low_t).all() and torch.isfinite(high_t).all()):
+        what = "tanh-squashed" if squash else "truncated"
+        raise ValueError(f"a {what} distribution needs finite action bounds low and high")
+    if (high_t <= low_t).any():
+        raise ValueError("action_high must exceed action_low in every dimension")
+    module.register_buffer("action_low", low_t)
+    module.register_buffer("action_high", high_t)
+
+
+def check_obs(obs: Tensor, obs_dim: int) -> None:
+    """Raise a one-sentence ValueError unless `obs` is [M, obs_dim]."""
     if obs.ndim != 2 or obs.shape[1] != obs_dim:
         raise ValueError(f"obs must have shape [M, {obs_dim}], got {tuple(obs.shape)}")
 
@@ -110,6 +147,45 @@ def squash_log_det(pre: Tensor, low: Tensor, high: Tensor) -> Tensor:
     return (torch.log((high - low) / 2.0) + log_one_minus_tanh2).sum(-1)
 
 
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 − eˣ) for x ≤ 0, accurate near 0 and for x ≪ 0 (Mächler 2012); NaN-free gradients."""
+    near = x > -math.log(2.0)
+    x_near = torch.where(near, x, torch.full_like(x, -1.0))
+    x_far = torch.where(near, torch.full_like(x, -1.0), x)
+    return torch.where(near, torch.log(-torch.expm1(x_near)), torch.log1p(-torch.exp(x_far)))
+
+
+def log_normal_mass(lo: Tensor, hi: Tensor) -> Tensor:
+    """log(Φ(hi) − Φ(lo)) for lo < hi, the log-mass of N(0, 1) on [lo, hi], stable in both tails.
+
+    Mass in the upper tail is computed as Φ(−lo) − Φ(−hi), so it never subtracts numbers close
+    to 1; then log(Φ(b) − Φ(a)) = log Φ(b) + log(1 − exp(log Φ(a) − log Φ(b))).
+    """
+    upper = lo > 0
+    lo, hi = torch.where(upper, -hi, lo), torch.where(upper, -lo, hi)
+    log_hi, log_lo = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)
+    return log_hi + _log1mexp(log_lo - log_hi)
+
+
+def truncated_normal_sample(
+    mean: Tensor, std: Tensor, low: Tensor, high: Tensor, generator: torch.Generator | None
+) -> Tensor:
+    """Draw from N(mean, std²) truncated to [low, high] by the inverse CDF, in float64.
+
+    The upper tail is sampled by symmetry from the lower one, so Φ is never evaluated near 1.
+    """
+    m64, s64 = mean.double(), std.double()
+    lo, hi = (low.double() - m64) / s64, (high.double() - m64) / s64
+    upper = lo > 0
+    a, b = torch.where(upper, -hi, lo), torch.where(upper, -lo, hi)
+    cdf_a, cdf_b = torch.special.ndtr(a), torch.special.ndtr(b)
+    uniform = torch.rand(mean.shape, generator=generator, dtype=torch.float64, device=mean.device)
+    z = torch.special.ndtri(cdf_a + uniform * (cdf_b - cdf_a))
+    z = torch.where(upper, -z, z)
+    value = (m64 + s64 * z).clamp(min=low.double(), max=high.double())
+    return value.to(mean.dtype)
+
+
 def diag_normal_log_prob(value: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
     """Σ_i log N(value_i; mean_i, exp(log_std_i)²) over the last dimension."""
     z = (value - mean) * torch.exp(-log_std)
@@ -132,12 +208,12 @@ class CategoricalPolicy(nn.Module):
         if n_actions < 2:
             raise ValueError(f"n_actions must be at least 2, got {n_actions}")
         self.obs_dim, self.n_actions, self.hidden = int(obs_dim), int(n_actions), tuple(hidden)
-        _obs_buffers(self, self.obs_dim, obs_mean, obs_std)
+        register_obs_normalization(self, self.obs_dim, obs_mean, obs_std)
         self.net = mlp(self.obs_dim, self.hidden, self.n_actions)
 
     def logits(self, obs: Tensor) -> Tensor:
         """Normalised log-probabilities of every action, [M, n_actions]."""
-        _check_obs(obs, self.obs_dim)
+        check_obs(obs, self.obs_dim)
         return torch.log_softmax(self.net((obs - self.obs_mean) / self.obs_std), dim=-1)
 
     def log_prob(self, obs: Tensor, action: Tensor) -> Tensor:
@@ -171,13 +247,20 @@ class CategoricalPolicy(nn.Module):
 
 
 class GaussianPolicy(nn.Module):
-    r"""Diagonal Gaussian policy, optionally tanh-squashed into a bounded box.
+    r"""Diagonal Gaussian policy; optionally tanh-squashed or truncated to a bounded box.
 
-    Unsquashed: a ~ N(μ_θ(s), diag σ²). Squashed (`squash=True`): u ~ N(μ_θ(s), diag σ²) and
+    Plain: a ~ N(μ_θ(s), diag σ²). Squashed (`squash=True`): u ~ N(μ_θ(s), diag σ²) and
     a = low + (high − low)(tanh(u) + 1)/2, whose exact density is
 
         log π_θ(a|s) = log N(u; μ_θ(s), σ²) − Σ_i log|da_i/du_i|,
         u = atanh(2(a − low)/(high − low) − 1).
+
+    Truncated (`truncate=True`): N(μ_θ(s), diag σ²) restricted to [low, high] and renormalised,
+
+        log π_θ(a|s) = log N(a; μ_θ(s), σ²) − Σ_i log(Φ((high_i − μ_i)/σ_i) − Φ((low_i − μ_i)/σ_i)),
+
+    which keeps a finite density on the bounds (a logger that truncates its Gaussian noise, or
+    a controller that often sits at a bound); its mode is clip(μ, low, high).
 
     `std="learned"` uses one log σ per action dimension (a parameter, independent of s);
     `std="state"` outputs log σ(s) from the network, mapped smoothly into
@@ -192,6 +275,7 @@ class GaussianPolicy(nn.Module):
         *,
         std: str = "learned",
         squash: bool = False,
+        truncate: bool = False,
         action_low: Any = None,
         action_high: Any = None,
         log_std_init: float = 0.0,
@@ -203,15 +287,17 @@ class GaussianPolicy(nn.Module):
             raise ValueError(f"std must be 'learned' or 'state', got {std!r}")
         self.obs_dim, self.action_dim, self.hidden = int(obs_dim), int(action_dim), tuple(hidden)
         self.std_mode, self.squash, self.log_std_init = std, bool(squash), float(log_std_init)
-        _obs_buffers(self, self.obs_dim, obs_mean, obs_std)
-        low = _as_tensor(action_low, self.action_dim, -math.inf)
-        high = _as_tensor(action_high, self.action_dim, math.inf)
-        if self.squash and not (torch.isfinite(low).all() and torch.isfinite(high).all()):
-            raise ValueError("a tanh-squashed Gaussian needs finite action bounds low and high")
-        if (high <= low).any():
-            raise ValueError("action_high must exceed action_low in every dimension")
-        self.register_buffer("action_low", low)
-        self.register_buffer("action_high", high)
+        self.truncate = bool(truncate)
+        register_obs_normalization(self, self.obs_dim, obs_mean, obs_std)
+        register_action_bounds(
+            self,
+            self.action_dim,
+            action_low,
+            action_high,
+            bounded=self.squash or self.truncate,
+            squash=self.squash,
+            truncate=self.truncate,
+        )
         heads = 2 if std == "state" else 1
         self.net = mlp(self.obs_dim, self.hidden, heads * self.action_dim)
         if std == "learned":
@@ -219,7 +305,7 @@ class GaussianPolicy(nn.Module):
 
     def distribution_params(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         """(μ_θ(s), log σ(s)) of the pre-squash Gaussian, each [M, d_act]."""
-        _check_obs(obs, self.obs_dim)
+        check_obs(obs, self.obs_dim)
         out = self.net((obs - self.obs_mean) / self.obs_std)
         if self.std_mode == "learned":
             log_std = self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX).expand_as(out)
@@ -236,38 +322,52 @@ class GaussianPolicy(nn.Module):
                 f"got {tuple(action.shape)}"
             )
         mean, log_std = self.distribution_params(obs)
-        if not self.squash:
-            return diag_normal_log_prob(action.to(mean.dtype), mean, log_std)
-        pre, log_det = unsquash(action.to(mean.dtype), self.action_low, self.action_high)
-        return diag_normal_log_prob(pre, mean, log_std) - log_det
+        value = action.to(mean.dtype)
+        if self.squash:
+            pre, log_det = unsquash(value, self.action_low, self.action_high)
+            return diag_normal_log_prob(pre, mean, log_std) - log_det
+        if self.truncate:
+            value = torch.minimum(torch.maximum(value, self.action_low), self.action_high)
+            inv_std = torch.exp(-log_std)
+            log_mass = log_normal_mass(
+                (self.action_low - mean) * inv_std, (self.action_high - mean) * inv_std
+            )
+            return diag_normal_log_prob(value, mean, log_std) - log_mass.sum(-1)
+        return diag_normal_log_prob(value, mean, log_std)
 
     def sample(self, obs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Draw a ~ π_θ(·|s), [M, d_act] (reproducible with a seeded `generator`)."""
         mean, log_std = self.distribution_params(obs)
+        if self.truncate:
+            return truncated_normal_sample(
+                mean, log_std.exp(), self.action_low, self.action_high, generator
+            )
         noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
         pre = mean + log_std.exp() * noise
         return squash(pre, self.action_low, self.action_high) if self.squash else pre
 
     def mode(self, obs: Tensor) -> Tensor:
-        """The deterministic action μ_θ(s), squashed into the box when `squash`."""
+        """The deterministic action μ_θ(s), squashed (or clipped, when truncated) into the box."""
         mean, _ = self.distribution_params(obs)
+        if self.truncate:
+            return torch.minimum(torch.maximum(mean, self.action_low), self.action_high)
         return squash(mean, self.action_low, self.action_high) if self.squash else mean
 
     def entropy(self, obs: Tensor) -> Tensor:
-        """Differential entropy, [M]; exact unsquashed, and E[−log π] is not closed-form squashed.
+        """Differential entropy of the plain Gaussian, [M] (squashed: no closed form).
 
         Raises:
-            NotImplementedError: for the squashed policy.
+            NotImplementedError: for the squashed and truncated policies.
         """
-        if self.squash:
-            raise NotImplementedError("the tanh-squashed Gaussian has no closed-form entropy")
+        if self.squash or self.truncate:
+            raise NotImplementedError("only the plain Gaussian's entropy is implemented")
         _, log_std = self.distribution_params(obs)
         return (log_std + 0.5 + _LOG_SQRT_2PI).sum(-1)
 
     def spec(self) -> dict[str, Any]:
         """Constructor arguments as plain types (the checkpoint's `spec`)."""
         return {
-            "kind": "tanh-gaussian" if self.squash else "gaussian",
+            "kind": gaussian_kind("gaussian", squash=self.squash, truncate=self.truncate),
             "obs_dim": self.obs_dim,
             "action_dim": self.action_dim,
             "hidden": list(self.hidden),
@@ -281,7 +381,7 @@ class GaussianPolicy(nn.Module):
 Policy = CategoricalPolicy | GaussianPolicy
 
 
-def _space_shape(space: Any) -> tuple[str, int, Any, Any]:
+def space_dims(space: Any) -> tuple[str, int, Any, Any]:
     """('discrete', n, None, None) or ('box', d, low, high) from a space or an int dimension."""
     if isinstance(space, int | np.integer):
         return "box", int(space), None, None
@@ -321,10 +421,10 @@ def make_policy(
         A `CategoricalPolicy` or `GaussianPolicy`.
     """
     kind = str(getattr(kind, "value", kind))
-    obs_kind, obs_dim, _, _ = _space_shape(observation_space)
+    obs_kind, obs_dim, _, _ = space_dims(observation_space)
     if obs_kind != "box":
         raise ValueError("observation_space must be a flat Box; flatten Dict/Tuple spaces first")
-    act_kind, act_dim, low, high = _space_shape(action_space)
+    act_kind, act_dim, low, high = space_dims(action_space)
     if kind == "auto":
         if act_kind == "discrete":
             kind = "categorical"
@@ -335,7 +435,7 @@ def make_policy(
         if act_kind != "discrete":
             raise ValueError("policy kind 'categorical' needs a Discrete action space")
         return CategoricalPolicy(obs_dim, act_dim, hidden, obs_mean=obs_mean, obs_std=obs_std)
-    if kind in ("gaussian", "tanh-gaussian"):
+    if kind in GAUSSIAN_KINDS:
         if act_kind != "box":
             raise ValueError(f"policy kind {kind!r} needs a Box action space")
         return GaussianPolicy(
@@ -344,6 +444,7 @@ def make_policy(
             hidden,
             std=std,
             squash=kind == "tanh-gaussian",
+            truncate=kind == "truncated-gaussian",
             action_low=low,
             action_high=high,
             log_std_init=log_std_init,
@@ -351,7 +452,7 @@ def make_policy(
             obs_std=obs_std,
         )
     raise ValueError(
-        f"unknown policy kind {kind!r}: expected auto, categorical, gaussian or tanh-gaussian"
+        f"unknown policy kind {kind!r}: expected auto, categorical, {', '.join(GAUSSIAN_KINDS)}"
     )
 
 
@@ -360,13 +461,14 @@ def policy_from_spec(spec: dict[str, Any]) -> Policy:
     kind = spec.get("kind")
     if kind == "categorical":
         return CategoricalPolicy(spec["obs_dim"], spec["n_actions"], spec["hidden"])
-    if kind in ("gaussian", "tanh-gaussian"):
+    if kind in GAUSSIAN_KINDS:
         return GaussianPolicy(
             spec["obs_dim"],
             spec["action_dim"],
             spec["hidden"],
             std=spec["std"],
             squash=kind == "tanh-gaussian",
+            truncate=kind == "truncated-gaussian",
             action_low=spec["action_low"],
             action_high=spec["action_high"],
             log_std_init=spec["log_std_init"],
@@ -393,6 +495,104 @@ def policy_from_checkpoint(ckpt: dict[str, Any]) -> Policy:
     return policy
 
 
+@dataclass(frozen=True, slots=True)
+class MLEResult:
+    """What `fit_mle` did: per-step training NLL, validation NLL per evaluation, best step."""
+
+    losses: list[float]
+    val_nll: list[float]
+    val_steps: list[int]
+    best_step: int
+    best_val_nll: float | None
+
+
+@torch.no_grad()
+def mean_nll(policy: nn.Module, obs: Tensor, action: Tensor, *, chunk: int = 65_536) -> float:
+    """−(1/N) Σ log π(a|s) over all rows, in chunks, accumulated in float64."""
+    total = 0.0
+    for first in range(0, obs.shape[0], chunk):
+        rows = slice(first, first + chunk)
+        total -= float(policy.log_prob(obs[rows], action[rows]).double().sum())
+    return total / max(obs.shape[0], 1)
+
+
+def fit_mle(
+    policy: nn.Module,
+    obs: Tensor,
+    action: Tensor,
+    *,
+    steps: int,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    generator: torch.Generator | None = None,
+    weight_decay: float = 0.0,
+    val_obs: Tensor | None = None,
+    val_action: Tensor | None = None,
+    eval_every: int = 100,
+    patience: int = 5,
+) -> MLEResult:
+    """Maximum likelihood with Adam, optionally early-stopped on a validation NLL.
+
+    Minimises −(1/B) Σ_{i∈batch} log π(a_i|s_i) over minibatches of `batch_size` rows drawn
+    uniformly with replacement by `generator`, so a seeded generator and a seeded
+    initialisation give a bit-identical result on CPU. With `val_obs`/`val_action`, the
+    validation NLL is computed every `eval_every` steps; training stops after `patience`
+    evaluations without improvement and the parameters of the best evaluation are restored.
+
+    Args:
+        policy: any module with `log_prob(obs, action) -> [M]`; trained in place.
+        obs: [N, d_obs] observations.
+        action: [N] int64 or [N, d_act] float32 actions.
+        steps: maximum number of gradient steps (0 leaves the policy unchanged).
+        lr: Adam learning rate.
+        batch_size: rows per step (capped at N).
+        generator: source of minibatch indices.
+        weight_decay: Adam L2 coefficient.
+        val_obs, val_action: held-out rows for early stopping (both or neither).
+        eval_every: steps between validation evaluations.
+        patience: evaluations without improvement before stopping.
+
+    Returns:
+        An `MLEResult`.
+    """
+    if obs.shape[0] != action.shape[0] or obs.shape[0] == 0:
+        raise ValueError(
+            f"obs and action need the same non-zero number of rows, got "
+            f"{obs.shape[0]} and {action.shape[0]}"
+        )
+    validate = val_obs is not None and val_action is not None and val_obs.shape[0] > 0
+    optimizer = torch.optim.Adam(policy.parameters(), lr=lr, weight_decay=weight_decay)
+    n_rows, batch = obs.shape[0], min(batch_size, obs.shape[0])
+    losses: list[float] = []
+    val_nll: list[float] = []
+    val_steps: list[int] = []
+    best: tuple[float, int, dict[str, Tensor]] | None = None
+    since_best = 0
+    policy.train()
+    for step in range(1, steps + 1):
+        index = torch.randint(n_rows, (batch,), generator=generator)
+        loss = -policy.log_prob(obs[index], action[index]).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if validate and (step % eval_every == 0 or step == steps):
+            nll = mean_nll(policy, val_obs, val_action)  # type: ignore[arg-type]
+            val_nll.append(nll)
+            val_steps.append(step)
+            if best is None or nll < best[0]:
+                state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+                best, since_best = (nll, step, state), 0
+            else:
+                since_best += 1
+                if since_best >= patience:
+                    break
+    if best is not None:
+        policy.load_state_dict(best[2])
+        return MLEResult(losses, val_nll, val_steps, best[1], best[0])
+    return MLEResult(losses, val_nll, val_steps, len(losses), None)
+
+
 def behavior_clone(
     policy: nn.Module,
     obs: Tensor,
@@ -404,10 +604,7 @@ def behavior_clone(
     generator: torch.Generator | None = None,
     weight_decay: float = 0.0,
 ) -> list[float]:
-    """Fit `policy` to (s, a) pairs by maximum likelihood: minimise −(1/B) Σ log π(a|s) with Adam.
-
-    Minibatches of `batch_size` rows are drawn uniformly with replacement using `generator`,
-    so a seeded generator and a seeded initialisation give a bit-identical result on CPU.
+    """Fit `policy` to (s, a) pairs by maximum likelihood for `steps` Adam steps (see `fit_mle`).
 
     Args:
         policy: any module with `log_prob(obs, action) -> [M]`; trained in place.
@@ -416,26 +613,19 @@ def behavior_clone(
         steps: number of gradient steps (0 leaves the policy unchanged).
         lr: Adam learning rate.
         batch_size: rows per step (capped at N).
-        generator: source of minibatch indices.
+        generator: source of minibatch indices (seeded: bit-reproducible on CPU).
         weight_decay: Adam L2 coefficient.
 
     Returns:
         The minibatch negative log-likelihood of each step (nats per row).
     """
-    if obs.shape[0] != action.shape[0] or obs.shape[0] == 0:
-        raise ValueError(
-            f"obs and action need the same non-zero number of rows, got "
-            f"{obs.shape[0]} and {action.shape[0]}"
-        )
-    optimizer = torch.optim.Adam(policy.parameters(), lr=lr, weight_decay=weight_decay)
-    n_rows, batch = obs.shape[0], min(batch_size, obs.shape[0])
-    losses: list[float] = []
-    policy.train()
-    for _ in range(steps):
-        index = torch.randint(n_rows, (batch,), generator=generator)
-        loss = -policy.log_prob(obs[index], action[index]).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    return losses
+    return fit_mle(
+        policy,
+        obs,
+        action,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        generator=generator,
+        weight_decay=weight_decay,
+    ).losses
