@@ -34,8 +34,12 @@ _MAX_PARAMS = 100  # ... and on params per call
 
 
 def resolve_uri(config: TrackingConfig) -> str:
-    """The store to use: the config's URI, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""
-    return config.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """The store: the config's URI, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (in cwd)."""
+    uri = config.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        # Absolute, so that MLflow's per-URI store cache never points at another directory.
+        uri = f"sqlite:///{(Path.cwd() / uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:

@@ -58,10 +58,10 @@ def test_a_failing_block_marks_the_run_failed(tmp_path: Path) -> None:
 
 
 def test_uri_resolution_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert resolve_uri(TrackingConfig()) == "sqlite:///mlflow.db"
+    assert resolve_uri(TrackingConfig()) == f"sqlite:///{Path.cwd().resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
     assert resolve_uri(TrackingConfig()) == "http://127.0.0.1:1"
-    assert resolve_uri(TrackingConfig(uri="sqlite:///x.db")) == "sqlite:///x.db"
+    assert resolve_uri(TrackingConfig(uri="sqlite:////tmp/x.db")) == "sqlite:////tmp/x.db"
 
 
 def test_unreachable_server_fails_fast_with_one_sentence() -> None:
