@@ -120,8 +120,8 @@ def ingest_parquet_command(
         cli_mapping = parquet.ColumnMapping(
             columns=parquet.parse_map(map_ or []), obs_cols=tuple(obs_cols or ()),
             next_obs_cols=tuple(next_obs_cols or ()), action_cols=tuple(action_cols or ()),
-            propensity_col=propensity_col, propensity_kind=propensity_kind or "logp",
-            done_means=done_means or "terminated")
+            propensity_col=propensity_col, propensity_kind=propensity_kind,
+            done_means=done_means)
         column_mapping = (parquet.merge_mappings(parquet.load_mapping(mapping), cli_mapping)
                           if mapping else cli_mapping)
         space = parquet.parse_action_space(action_space) if action_space else None

@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from offpg_offline.data import schema as sc
 from offpg_offline.data.store import (
     StatsAccumulator,
@@ -35,8 +37,14 @@ def dataset_info(path: Path, *, verify: bool = False) -> dict[str, Any]:
     card = read_card(path)
     problems = verify_dataset(path) if verify else None
     stats = StatsAccumulator()
-    for batch in iter_record_batches(path, _STAT_COLUMNS):
-        stats.update(batch)
+    if not problems:  # shards that fail verification may not even parse
+        try:
+            for batch in iter_record_batches(path, _STAT_COLUMNS):
+                stats.update(batch)
+        except (pa.ArrowException, OSError) as err:
+            raise sc.DataError(f"{path}: a shard cannot be read ({_first_line(err)}); run "
+                               f"offpg info --verify to check the files against the card."
+                               ) from None
     summary = stats.summary()
     episodes = stats.lengths.count
     discrete = (card.get("action_space") or {}).get("type") == "Discrete"
@@ -70,6 +78,11 @@ def dataset_info(path: Path, *, verify: bool = False) -> dict[str, Any]:
         "provenance": {"source": card.get("source"), "behavior": card.get("behavior")},
         "verify": None if problems is None else {"ok": not problems, "problems": problems},
     }
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def _space_text(space: dict[str, Any] | None) -> str:

@@ -66,8 +66,9 @@ class ColumnMapping:
         next_obs_cols: the same for `next_obs`.
         action_cols: the same for a continuous action vector.
         propensity_col: the column holding the behavior policy's propensity, if any.
-        propensity_kind: "prob" (probabilities) or "logp" (log-probabilities / log-densities).
-        done_means: what a `done` column means: "terminated" or "truncated".
+        propensity_kind: "prob" (probabilities) or "logp" (log-probabilities / log-densities);
+            None: "logp".
+        done_means: what a `done` column means: "terminated" or "truncated"; None: terminated.
     """
 
     columns: Mapping[str, str] = field(default_factory=dict)
@@ -75,24 +76,24 @@ class ColumnMapping:
     next_obs_cols: tuple[str, ...] = ()
     action_cols: tuple[str, ...] = ()
     propensity_col: str | None = None
-    propensity_kind: str = "logp"
-    done_means: str = "terminated"
+    propensity_kind: str | None = None
+    done_means: str | None = None
 
     def __post_init__(self) -> None:
         if unknown := sorted(set(self.columns) - set(MAP_KEYS)):
             raise ValueError(f"unknown mapping key {unknown[0]!r}: the keys are "
-                             f"{', '.join(MAP_KEYS)}")
-        if self.propensity_kind not in PROPENSITY_KINDS:
+                             f"{', '.join(MAP_KEYS)}.")
+        if self.propensity_kind not in (None, *PROPENSITY_KINDS):
             raise ValueError(f"propensity kind must be 'prob' or 'logp', got "
-                             f"{self.propensity_kind!r}")
-        if self.done_means not in DONE_MEANINGS:
+                             f"{self.propensity_kind!r}.")
+        if self.done_means not in (None, *DONE_MEANINGS):
             raise ValueError(f"done_means must be 'terminated' or 'truncated', got "
-                             f"{self.done_means!r}")
+                             f"{self.done_means!r}.")
         for key, cols in (("obs", self.obs_cols), ("next_obs", self.next_obs_cols),
                           ("action", self.action_cols)):
             if cols and key in self.columns:
                 raise ValueError(f"{key} is given both as a column ({self.columns[key]!r}) and "
-                                 f"as column patterns ({', '.join(cols)})")
+                                 f"as column patterns ({', '.join(cols)}).")
 
 
 def parse_map(items: Sequence[str]) -> dict[str, str]:
@@ -102,10 +103,10 @@ def parse_map(items: Sequence[str]) -> dict[str, str]:
         key, sep, column = item.partition("=")
         key, column = key.strip(), column.strip()
         if not sep or not key or not column:
-            raise ValueError(f"--map {item!r} is not KEY=COLUMN (e.g. --map obs=state)")
+            raise ValueError(f"--map {item!r} is not KEY=COLUMN (e.g. --map obs=state).")
         if key not in MAP_KEYS:
             raise ValueError(f"--map {item!r}: unknown key {key!r}; the keys are "
-                             f"{', '.join(MAP_KEYS)}")
+                             f"{', '.join(MAP_KEYS)}.")
         columns[key] = column
     return columns
 
@@ -124,7 +125,7 @@ def load_mapping(path: Path) -> ColumnMapping:
     try:
         raw = tomllib.loads(Path(path).read_text())
     except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path}: not valid TOML ({err})") from None
+        raise ValueError(f"{path}: not valid TOML ({err}).") from None
     columns, options = {}, {}
     for key, value in raw.items():
         if key in MAP_KEYS:
@@ -135,7 +136,7 @@ def load_mapping(path: Path) -> ColumnMapping:
             options[key] = value
         else:
             raise ValueError(f"{path}: unknown key {key!r}; the keys are "
-                             f"{', '.join(MAP_KEYS + _TOML_OPTIONS)}")
+                             f"{', '.join(MAP_KEYS + _TOML_OPTIONS)}.")
     return ColumnMapping(columns=columns, **options)
 
 
@@ -171,7 +172,7 @@ def parse_action_space(text: str) -> Any:
         return space_from_json(json.loads(text))
     except (ValueError, json.JSONDecodeError):
         raise ValueError(f"action space {text!r} is not discrete:N, box:LOW:HIGH:DIM or space "
-                         f"JSON") from None
+                         f"JSON.") from None
 
 
 # --- planning: which columns make which canonical field ----------------------------------------
@@ -312,7 +313,7 @@ def _resolve(schema: pl.Schema, mapping: ColumnMapping, file: str,
         raise sc.DataError(f"{file}: no episode boundaries: give an episode id column (--map "
                            f"episode_id=COLUMN) or done flags (terminated, truncated or done).",
                            source=file)
-    propensity, kind = mapping.propensity_col, mapping.propensity_kind
+    propensity, kind = mapping.propensity_col, mapping.propensity_kind or "logp"
     if propensity is not None and propensity not in schema:
         raise sc.DataError.at(file, propensity, None, "is missing (given as the propensity "
                                                       "column)")
@@ -692,7 +693,8 @@ def ingest_parquet(
                                f"(one has an episode id column, the other not).",
                                source=plan.file)
     current: list[_Plan] = [plans[0]]
-    assembler = _Assembler(by_id=by_id, done_means=mapping.done_means, files=names,
+    done_means = mapping.done_means or "terminated"
+    assembler = _Assembler(by_id=by_id, done_means=done_means, files=names,
                            labels=lambda: current[0].labels())
     dims: dict[str, int | None] = {}
     source: dict[str, Any] = {
@@ -700,7 +702,7 @@ def ingest_parquet(
         "files": [{"path": str(f.resolve()), "bytes": f.stat().st_size} for f in files],
         "columns": plans[0].describe(),
         "episode_boundaries": (f"episode id column '{plans[0].episode_id}'" if by_id
-                               else f"done flags (a done column means {mapping.done_means})"),
+                               else f"done flags (a done column means {done_means})"),
     }
     card: dict[str, Any] = {
         "name": name or Path(out).name,
@@ -734,6 +736,9 @@ def ingest_parquet(
                 first_row += len(frame)
                 yield from assembler.push(rows, final=False)
             source["files"][index]["rows"] = first_row
+            if first_row == 0:
+                raise sc.DataError(f"{file}: the input has no rows (empty input).",
+                                   source=str(file))
             if not by_id:  # an episode open at the end of a file ends there
                 yield from assembler.flush()
         yield from assembler.flush()

@@ -341,7 +341,8 @@ def _check_actions(table: pa.Table, where: _Where, action_space: Any) -> None:
             raise where.fail(ACTION, row, f"action component {dim} = {action[row, dim]} lies "
                                              f"outside the Box bounds [{low[dim]}, {high[dim]}]")
     else:
-        raise ValueError(f"unsupported action space {action_space!r}: only Box and Discrete are")
+        raise ValueError(f"unsupported action space {action_space!r}: only Box and Discrete "
+                         f"are supported.")
 
 
 def _check_propensities(table: pa.Table, where: _Where) -> None:

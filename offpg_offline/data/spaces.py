@@ -30,7 +30,7 @@ def _bound_to_json(values: np.ndarray) -> list[Any]:
         if math.isinf(value):
             return "inf" if value > 0 else "-inf"
         if math.isnan(value):
-            raise ValueError("a Box bound is NaN, which no dataset card can describe")
+            raise ValueError("a Box bound is NaN, which no dataset card can describe.")
         return value
 
     return convert(np.asarray(values, dtype=np.float64).tolist())
@@ -60,7 +60,8 @@ def space_to_json(space: spaces.Space[Any]) -> dict[str, Any]:
                 "subspaces": {key: space_to_json(sub) for key, sub in space.spaces.items()}}
     if isinstance(space, spaces.Tuple):
         return {"type": "Tuple", "subspaces": [space_to_json(sub) for sub in space.spaces]}
-    raise ValueError(f"unsupported space {space!r}: only Box, Discrete, Dict and Tuple are")
+    raise ValueError(f"unsupported space {space!r}: only Box, Discrete, Dict and Tuple are "
+                     f"supported.")
 
 
 def space_from_json(data: Mapping[str, Any] | str) -> spaces.Space[Any]:
@@ -90,8 +91,9 @@ def space_from_json(data: Mapping[str, Any] | str) -> spaces.Space[Any]:
         if kind == "Tuple":
             return spaces.Tuple(tuple(space_from_json(sub) for sub in data["subspaces"]))
     except (KeyError, TypeError) as err:
-        raise ValueError(f"malformed {kind} space description: bad field {err}") from None
-    raise ValueError(f"unsupported space type {kind!r}: only Box, Discrete, Dict and Tuple are")
+        raise ValueError(f"malformed {kind} space description: bad field {err}.") from None
+    raise ValueError(f"unsupported space type {kind!r}: only Box, Discrete, Dict and Tuple "
+                     f"are supported.")
 
 
 def flatten_space(space: spaces.Space[Any]) -> spaces.Box | spaces.Discrete:
@@ -104,7 +106,7 @@ def flatten_space(space: spaces.Space[Any]) -> spaces.Box | spaces.Discrete:
         return space
     flat = spaces.flatten_space(space)
     if not isinstance(flat, spaces.Box):
-        raise ValueError(f"cannot flatten {space!r} into a Box")
+        raise ValueError(f"cannot flatten {space!r} into a Box.")
     return spaces.Box(low=flat.low.astype(np.float32), high=flat.high.astype(np.float32),
                       dtype=np.float32)
 
@@ -133,7 +135,7 @@ def flatten_observations(space: spaces.Space[Any], observations: Any) -> np.ndar
         parts = [_flatten_part(sub, obs) for sub, obs in zip(space.spaces, observations,
                                                               strict=True)]
         return np.concatenate(parts, axis=1).astype(np.float32)
-    raise ValueError(f"unsupported observation space {space!r}")
+    raise ValueError(f"unsupported observation space {space!r}.")
 
 
 def _flatten_part(space: spaces.Space[Any], batch: Any) -> np.ndarray:
@@ -148,4 +150,4 @@ def _flatten_part(space: spaces.Space[Any], batch: Any) -> np.ndarray:
         return one_hot
     if isinstance(space, spaces.Dict | spaces.Tuple):
         return flatten_observations(space, batch)
-    raise ValueError(f"unsupported observation subspace {space!r}")
+    raise ValueError(f"unsupported observation subspace {space!r}.")
