@@ -57,19 +57,28 @@ def ingest_minari_command(
     propensity_kind: Annotated[str | None, typer.Option(
         help="prob or logp; default: from the key's name.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset at --out.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Convert a Minari dataset (arrow or hdf5) into the canonical Parquet format."""
     import warnings
 
+    from rich.console import Console
+    from rich.progress import Progress, TextColumn
+
     from offpg_offline.data.minari import ingest_minari
     from offpg_offline.data.store import read_card
 
-    with warnings.catch_warnings(record=True) as caught:
+    console = Console(stderr=True)
+    with warnings.catch_warnings(record=True) as caught, Progress(
+            TextColumn("ingest {task.completed:,} steps"), console=console, transient=True,
+            disable=quiet or not console.is_terminal) as bar:
         warnings.simplefilter("always")
+        task = bar.add_task("ingest", total=None)
         try:
             path = ingest_minari(dataset, out, download=download, propensity_key=propensity_key,
-                                 propensity_kind=propensity_kind, overwrite=overwrite)
-        except (ValueError, FileNotFoundError) as err:
+                                 propensity_kind=propensity_kind, overwrite=overwrite,
+                                 progress=lambda rows: bar.advance(task, rows))
+        except (ValueError, FileNotFoundError, OSError) as err:  # DataError is a ValueError
             fail(str(err))
     for warning in caught:  # ours only; minari's own warnings are about its metadata
         if str(warning.message).startswith("Minari dataset"):
