@@ -86,26 +86,26 @@ def _find_data_path(id_or_path: str | Path, *, download: bool) -> Path:
             if (candidate / "metadata.json").is_file():
                 return candidate
         raise FileNotFoundError(f"{path}: not a Minari dataset (no metadata.json in it or in "
-                                f"its data/ folder)")
+                                f"its data/ folder).")
     dataset_id = str(id_or_path)
     try:
         minari.dataset.minari_dataset.parse_dataset_id(dataset_id)
     except ValueError:
         raise FileNotFoundError(f"{dataset_id}: no such folder, and not a Minari dataset id "
-                                f"(ids look like namespace/name-v0)") from None
+                                f"(ids look like namespace/name-v0).") from None
     try:
         return Path(minari.load_dataset(dataset_id).storage.data_path)
     except FileNotFoundError:
         if not download:
             raise FileNotFoundError(
                 f"Minari dataset {dataset_id} is not a local path and is not in the local Minari "
-                f"store ({minari.storage.get_dataset_path()}); pass --download to fetch it"
+                f"store ({minari.storage.get_dataset_path()}); pass --download to fetch it."
             ) from None
     try:  # needs network access: not exercised by the tests
         minari.download_dataset(dataset_id)
     except Exception as err:  # network, authentication, unknown remote id: one sentence
         raise FileNotFoundError(f"Minari dataset {dataset_id} could not be downloaded "
-                                f"({type(err).__name__}: {err})") from err
+                                f"({type(err).__name__}: {err}).") from err
     return Path(minari.load_dataset(dataset_id).storage.data_path)
 
 
@@ -189,7 +189,7 @@ def _decode_arrow_space(space: gym.Space[Any], values: pa.Array) -> Any:
     if isinstance(space, gym.spaces.Discrete):
         return values.to_numpy(zero_copy_only=False)
     raise ValueError(f"cannot read {space} values of type {values.type} from Minari arrow "
-                     f"storage")
+                     f"storage.")
 
 
 def _decode_arrow_infos(values: pa.StructArray) -> dict[str, Any]:
@@ -255,7 +255,7 @@ def _iter_episodes(dataset: minari.MinariDataset, reader: str | None = None) -> 
             elif _arrow_info_quirk(schema):
                 raise ValueError(f"{dataset.storage.data_path}: Minari {minari.__version__} "
                                  f"cannot read this dataset's infos (a 1-D numpy array) and "
-                                 f"its spaces need Minari's own decoding")
+                                 f"its spaces need Minari's own decoding.")
     if reader == "raw":
         yield from _iter_arrow_raw(dataset, indices)
         return
@@ -303,12 +303,12 @@ def _choose_propensity(
 ) -> _Propensity | None:
     """Which info key holds π_β and whether it is a probability or a log-probability."""
     if kind is not None and kind not in PROPENSITY_KINDS:
-        raise ValueError(f"--propensity-kind must be 'prob' or 'logp', got {kind!r}")
+        raise ValueError(f"--propensity-kind must be 'prob' or 'logp', got {kind!r}.")
     available = _info_keys(infos)
     if key is not None:
         if key not in available:
             raise ValueError(f"{source}: --propensity-key {key!r} is not in the episode infos "
-                             f"(keys: {', '.join(available) or 'none'})")
+                             f"(keys: {', '.join(available) or 'none'}).")
         if kind is None:
             kind = "prob" if key.rsplit("/", 1)[-1] in PROB_KEYS else "logp"
     else:
@@ -318,14 +318,14 @@ def _choose_propensity(
             if kind is not None:
                 raise ValueError(f"{source}: --propensity-kind was given but no propensity key "
                                  f"was found in the infos (keys: {', '.join(available) or 'none'}"
-                                 f"); name it with --propensity-key")
+                                 f"); name it with --propensity-key.")
             return None
         kind = kind or ("prob" if key in PROB_KEYS else "logp")
     if kind == "prob" and continuous:
         raise ValueError(f"{source}: infos[{key!r}] holds probabilities, but the action space is "
                          f"continuous (Box), where only a log-density is exact; log a density "
                          f"(e.g. 'action_log_prob') or pass --propensity-kind logp if the values "
-                         f"are log-densities")
+                         f"are log-densities.")
     return _Propensity(key=key, kind=kind)
 
 
@@ -334,14 +334,14 @@ def _info_numbers(episode: _Episode, key: str, source: str) -> np.ndarray:
     values = _info_value(episode.infos, key)
     if values is None:
         raise ValueError(f"{source}: episode {episode.id} has no info {key!r} (other episodes "
-                         f"do)")
+                         f"do).")
     values = np.asarray(values)
     if values.ndim == 2 and values.shape[1] == 1:
         values = values[:, 0]
     if values.ndim != 1 or not np.issubdtype(values.dtype, np.number):
         raise ValueError(f"{source}: episode {episode.id}: infos[{key!r}] must hold one number "
                          f"per step, got an array of shape {values.shape} and dtype "
-                         f"{values.dtype}")
+                         f"{values.dtype}.")
     return values.astype(np.float64)
 
 
@@ -367,7 +367,7 @@ def _episode_propensity(episode: _Episode, propensity: _Propensity, steps: int,
     elif len(values) != steps:
         raise ValueError(f"{source}: episode {episode.id}: infos[{propensity.key!r}] has "
                          f"{len(values)} entries for {steps} steps (expected {steps} or "
-                         f"{steps + 1})")
+                         f"{steps + 1}).")
     if propensity.kind == "prob":
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.log(values)  # p ∉ (0, 1] fails schema validation as logp NaN / -inf / > 0
@@ -391,12 +391,12 @@ def _stored_spaces(observation_space: gym.Space[Any],
         stored_action = action_space
     else:
         raise ValueError(f"unsupported Minari action space {action_space}: only Discrete and "
-                         f"Box actions are")
+                         f"Box actions are.")
     try:
         stored_obs = flatten_space(observation_space)
     except (ValueError, NotImplementedError, TypeError) as err:
         raise ValueError(f"unsupported Minari observation space {observation_space}: "
-                         f"{err}") from None
+                         f"{str(err).rstrip('.')}.") from None
     if isinstance(stored_obs, gym.spaces.Box):
         stored_obs = _stored_box(stored_obs)
     return stored_obs, stored_action
@@ -457,7 +457,7 @@ def ingest_minari(
     episodes = _iter_episodes(dataset)
     first = next(episodes, None)
     if first is None:
-        raise ValueError(f"{source_name}: the dataset has no episodes (empty input)")
+        raise ValueError(f"{source_name}: the dataset has no episodes (empty input).")
     propensity = _choose_propensity(first.infos, propensity_key, propensity_kind, continuous,
                                     source_name)
     if propensity is not None:
@@ -520,7 +520,7 @@ def ingest_minari(
     written = write_dataset(out, tables(), card=card, overwrite=overwrite, progress=progress)
     if ended_without_flag[0]:
         warnings.warn(f"{source_name}: {ended_without_flag[0]} episode(s) ended with neither "
-                      f"terminated nor truncated set; kept as truncated", stacklevel=2)
+                      f"terminated nor truncated set; kept as truncated.", stacklevel=2)
     return written
 
 
@@ -565,7 +565,7 @@ def _episode_columns(
     observations = flatten_observations(observation_space, episode.observations)
     if len(observations) != steps + 1:
         raise ValueError(f"{source}: episode {episode.id} has {len(observations)} observations "
-                         f"for {steps} steps (Minari stores T+1)")
+                         f"for {steps} steps (Minari stores T+1).")
     action: np.ndarray
     if continuous:
         action = np.asarray(episode.actions, dtype=np.float32).reshape(steps, -1)
@@ -574,7 +574,7 @@ def _episode_columns(
         if not np.issubdtype(action.dtype, np.integer):
             if not np.all(np.equal(np.mod(action, 1), 0)):
                 raise ValueError(f"{source}: episode {episode.id}: a discrete action is not an "
-                                 f"integer")
+                                 f"integer.")
         action = action.astype(np.int64)
     terminated = np.asarray(episode.terminations, dtype=bool).reshape(steps)
     truncated = np.asarray(episode.truncations, dtype=bool).reshape(steps).copy()
