@@ -122,7 +122,7 @@ class TrainConfig:
     threads: int = field(
         default=1, metadata={"help": "torch CPU threads (1 is fastest for small MLPs)."}
     )
-    log_every: int = field(default=10, metadata={"help": "Log diagnostics every N steps."})
+    log_every: int = field(default=25, metadata={"help": "Log diagnostics every N steps."})
     checkpoint_every: int = field(
         default=0, metadata={"help": "Save a checkpoint every N steps (0: only at the end)."}
     )

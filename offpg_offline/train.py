@@ -70,6 +70,7 @@ class TrainResult:
     validation_episodes: tuple[int, ...] = ()
 
 
+DIAGNOSTIC_STEPS = 8192  # rows of whole episodes on which periodic diagnostics are computed
 EPISODIC = {EstimatorName.TRAJECTORY, EstimatorName.PER_DECISION, EstimatorName.PAST_WEIGHT}
 
 
@@ -152,6 +153,18 @@ def make_view(
     )
 
 
+def diagnostic_subset(view: LogView, max_steps: int, generator: torch.Generator) -> LogView:
+    """A fixed random subset of whole episodes with at most `max_steps` rows (at least one
+    episode), on which the periodic diagnostics are computed: their cost then does not grow
+    with the log."""
+    n_episodes = int(view.episode_start.sum())
+    starts = torch.nonzero(view.episode_start).flatten()
+    lengths = torch.diff(starts, append=torch.tensor([view.step.shape[0]]))
+    order = torch.randperm(n_episodes, generator=generator)
+    keep = int((torch.cumsum(lengths[order], 0) <= max_steps).sum().clamp_min(1))
+    return view.rows(episode_rows(view.episode_start, order[:keep].sort().values), as_steps=False)
+
+
 def make_batches(
     view: LogView, config: TrainConfig, generator: torch.Generator
 ) -> Iterator[LogView]:
@@ -232,7 +245,7 @@ def step_metrics(loss: Tensor, grad_norm: Tensor) -> dict[str, float]:
 def log_diagnostics(
     policy: nn.Module, train_view: LogView, val_view: LogView | None, config: TrainConfig
 ) -> dict[str, float]:
-    """Weight diagnostics on the training split and a PDIS value on the validation split."""
+    """Weight diagnostics on (a fixed subset of) the training split, PDIS on the validation's."""
     episodic = config.estimator in EPISODIC
     target_logp = policy.log_prob(train_view.obs, train_view.action)
     metrics = estimators.weight_diagnostics(
@@ -437,6 +450,13 @@ def train(
 
     # Optimise.
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
+    diagnostic_generator = torch.Generator().manual_seed(config.seed + 1)
+    train_probe = diagnostic_subset(train_view, DIAGNOSTIC_STEPS, diagnostic_generator)
+    val_probe = (
+        diagnostic_subset(val_view, DIAGNOSTIC_STEPS, diagnostic_generator)
+        if val_view is not None
+        else None
+    )
     batches = make_batches(train_view, config, generator)
     with _progress(progress, config.steps) as advance:
         for step in range(1, config.steps + 1):
@@ -448,7 +468,7 @@ def train(
             optimizer.step()
             if step % config.log_every == 0 or step == config.steps:
                 metrics.update(step_metrics(loss, grad_norm))
-                metrics.update(log_diagnostics(policy, train_view, val_view, config))
+                metrics.update(log_diagnostics(policy, train_probe, val_probe, config))
                 metrics["train/grad_variance"] = episode_gradient_variance(policy, view, config)
                 tracker.log_metrics(metrics, step=step)
             if config.checkpoint_every and step % config.checkpoint_every == 0:
