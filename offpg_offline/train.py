@@ -68,6 +68,7 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
     train_episodes: tuple[int, ...] = ()
     validation_episodes: tuple[int, ...] = ()
+    final_log_weights: Tensor | None = None  # log-weights on the training split at the end
 
 
 DIAGNOSTIC_STEPS = 8192  # rows of whole episodes on which periodic diagnostics are computed
@@ -498,7 +499,16 @@ def train(
     metrics.update(online)
     tracker.log_metrics(online, step=config.steps)
     tracker.log_artifact(final, "checkpoints")
+    with torch.no_grad():
+        final_logp = policy.log_prob(train_view.obs, train_view.action)
+        final_log_weights = estimators.diagnostic_log_weights(
+            final_logp,
+            train_view.behavior_logp,
+            train_view.episode_start,
+            level="episode" if config.estimator in EPISODIC else "step",
+        )
     return TrainResult(
+        final_log_weights=final_log_weights,
         checkpoint=final,
         metrics=metrics,
         train_episodes=tuple(train_idx.tolist()),
