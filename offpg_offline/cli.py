@@ -295,6 +295,73 @@ def _to_toml(run: RunConfig) -> str:
 # --- behavior commands ---
 
 
+@behavior_app.command("fit")
+def behavior_fit(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder (offpg ingest output).")],
+    out: Annotated[Path | None, typer.Option(help="New dataset folder to write.")] = None,
+    in_place: Annotated[bool, typer.Option(help="Replace DATASET atomically instead.")] = False,
+    model: Annotated[str, typer.Option(
+        help="auto, categorical, gaussian, mixture, or a tanh-/truncated- variant.")] = "auto",
+    components: Annotated[int, typer.Option(help="K Gaussians of a mixture.")] = 3,
+    folds: Annotated[int, typer.Option(help="Cross-fitting folds by episode (1: in-sample).")] = 5,
+    hidden: Annotated[str, typer.Option(help="MLP hidden sizes, comma-separated.")] = "64,64",
+    steps: Annotated[int, typer.Option(help="Maximum gradient steps per model.")] = 4000,
+    epochs: Annotated[float | None, typer.Option(
+        help="Maximum passes over the training rows per model (overrides --steps).")] = None,
+    floor: Annotated[float, typer.Option(
+        help="Minimum π̂_β(a|s): probability (discrete) or density (continuous).")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed of folds, initialisation and batches.")] = 0,
+    track: Annotated[bool, typer.Option(help="Record the fit as an MLflow run.")] = True,
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment name.")] = None,
+) -> None:
+    """Estimate π_β on DATASET (cross-fitted) and write `estimated_logp` into a new version."""
+    if (out is None) == (not in_place):
+        fail("pass exactly one of --out NEW_DATASET or --in-place")
+    try:
+        sizes = tuple(int(h) for h in hidden.split(","))
+    except ValueError:
+        fail(f"--hidden must be comma-separated integers, got {hidden!r}")
+    if not (dataset / "dataset.json").is_file():
+        fail(f"{dataset} is not a dataset folder (no dataset.json); create one with `offpg ingest`")
+
+    from offpg_offline.behavior.fit import FitConfig, FitReport, fit_behavior
+    from offpg_offline.config import TrackingConfig
+    from offpg_offline.data.store import read_card
+
+    try:
+        config = FitConfig(model=model, components=components, folds=folds, hidden=sizes,
+                           steps=steps, epochs=epochs, floor=floor, seed=seed)
+        card = read_card(dataset)
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err))
+
+    def job(run_id: str | None) -> FitReport:
+        return fit_behavior(dataset, out=out, in_place=in_place, config=config,
+                            mlflow_run_id=run_id, progress=typer.echo)
+
+    try:
+        if not track:
+            report = job(None)
+        else:
+            from offpg_offline import tracking
+
+            with tracking.MlflowTracker.start(
+                TrackingConfig(experiment=experiment),
+                experiment=str(card.get("name", dataset.name)),
+                run_name=f"behavior-fit-{model}-k{folds}-s{seed}", tags={"offpg.job": "behavior"},
+            ) as tracker:
+                tracker.log_params(config.as_params())
+                tracker.log_dataset(dataset, card, context="behavior")
+                report = job(tracker.run_id)
+                tracker.log_metrics(report.metrics, step=0)
+                for path in report.artifacts.values():
+                    tracker.log_artifact(path, "behavior")
+            typer.echo(f"MLflow run {tracker.run_id}")
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err))
+    typer.echo(report.summary())
+
+
 # --- evaluate command ---
 
 

