@@ -49,6 +49,7 @@ References:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -678,10 +679,14 @@ class _PolicyValue:
                 self.probs = None
                 self.actions = [policy.sample(obs, generator=generator) for _ in range(samples)]
 
-    def __call__(self, critic: QCritic) -> Tensor:
+    def __call__(self, critic: QCritic, rows: Tensor | None = None) -> Tensor:
+        """V̂ at all states, or at `rows` of them."""
+        obs = self.obs if rows is None else self.obs[rows]
         if self.probs is not None:
-            return (self.probs * critic.q_all(self.obs)).sum(1)
-        return torch.stack([critic.q_value(self.obs, a) for a in self.actions]).mean(0)
+            probs = self.probs if rows is None else self.probs[rows]
+            return (probs * critic.q_all(obs)).sum(1)
+        actions = self.actions if rows is None else [a[rows] for a in self.actions]
+        return torch.stack([critic.q_value(obs, a) for a in actions]).mean(0)
 
 
 def _discrete_actions(action: Tensor) -> bool:
@@ -746,16 +751,17 @@ def fit_fqe(
     continuing = (~done).float()
     history: list[float] = []
     for _ in range(config.iterations):
-        with torch.no_grad():
-            target = (reward + gamma * continuing * next_value(critic)) / critic.value_scale
+        frozen = copy.deepcopy(critic).requires_grad_(False)  # Q̂_k, the regression target
         total = 0.0
         for _ in range(config.steps_per_iteration):
             if m <= config.batch_size:
                 rows = torch.arange(m, device=obs.device)
             else:
                 rows = torch.randint(m, (config.batch_size,), generator=generator).to(obs.device)
-            prediction = critic.q_value(obs[rows], action[rows]) / critic.value_scale
-            loss = (prediction - target[rows]).square().mean()
+            with torch.no_grad():
+                target = reward[rows] + gamma * continuing[rows] * next_value(frozen, rows)
+            prediction = critic.q_value(obs[rows], action[rows])
+            loss = ((prediction - target) / critic.value_scale).square().mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
