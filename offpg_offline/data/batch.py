@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -97,15 +98,17 @@ class StepBatch:
             first_row, chosen_lengths, output_size=total)
         rows = torch.repeat_interleave(starts[index], chosen_lengths, output_size=total) + offset
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        gathered = {name: None if value is None else value[rows] for name, value in fields.items()}
+        gathered: dict[str, Any] = {name: None if value is None else value[rows]
+                                    for name, value in fields.items()}
         gathered["episode_start"] = offset == 0
         return StepBatch(**gathered)
 
     def to(self, device: torch.device | str) -> StepBatch:
         """A copy with every tensor on `device`."""
-        return StepBatch(**{f.name: None if getattr(self, f.name) is None
-                            else getattr(self, f.name).to(device)
-                            for f in dataclasses.fields(self)})
+        moved: dict[str, Any] = {f.name: None if getattr(self, f.name) is None
+                                 else getattr(self, f.name).to(device)
+                                 for f in dataclasses.fields(self)}
+        return StepBatch(**moved)
 
 
 def _vector_tensor(column: pa.ChunkedArray) -> Tensor:

@@ -45,7 +45,13 @@ import pyarrow.compute as pc
 
 from offpg_offline.data import schema as sc
 from offpg_offline.data.spaces import flatten_space, space_from_json, space_to_json
-from offpg_offline.data.store import SourcedTable, file_sha256, read_card, write_dataset
+from offpg_offline.data.store import (
+    DEFAULT_ROWS_PER_FILE,
+    SourcedTable,
+    file_sha256,
+    read_card,
+    write_dataset,
+)
 
 MAP_KEYS = ("episode_id", "step", "obs", "action", "reward", "next_obs", "terminated",
             "truncated", "done")
@@ -352,7 +358,7 @@ class _Converter:
 
     def _vector(self, frame: pl.DataFrame, vector: _Vector, key: str, first_row: int) -> np.ndarray:
         if not vector.is_list:
-            values = frame.select(vector.columns).to_numpy().astype(np.float32, copy=False)
+            values = frame.select(vector.columns).to_numpy().astype(np.float32, order="C")
         else:
             arrow = frame.get_column(vector.columns[0]).to_arrow()
             if pa.types.is_fixed_size_list(arrow.type):
@@ -759,10 +765,9 @@ def ingest_parquet(
         if progress is not None:
             progress(rows)
 
-    kwargs = {} if rows_per_file is None else {"rows_per_file": rows_per_file}
     try:
         write_dataset(Path(out), tables(), card=card, overwrite=overwrite, progress=count,
-                      **kwargs)
+                      rows_per_file=rows_per_file or DEFAULT_ROWS_PER_FILE)
     except pl.exceptions.PolarsError as err:
         raise sc.DataError(f"{current[0].file}: could not be read ({_one_line(err)}).",
                            source=current[0].file) from None

@@ -196,24 +196,26 @@ def type_name(dtype: pa.DataType) -> str:
 
 
 def _first(mask: np.ndarray) -> int:
+    """Index of the first True of a boolean array that has one."""
     return int(np.flatnonzero(mask)[0])
 
 
 def _is_vector(dtype: pa.DataType) -> bool:
-    return pa.types.is_fixed_size_list(dtype) and dtype.value_type == pa.float32()
+    return bool(pa.types.is_fixed_size_list(dtype) and dtype.value_type == pa.float32())
 
 
 def vector_values(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """[M, d] float32 values of a fixed_size_list<float32> column (copies only across chunks)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    array = column
-    d = array.type.list_size
-    return array.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+    d = column.type.list_size
+    values: np.ndarray = column.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(-1, d)
 
 
 def _column_numpy(column: pa.ChunkedArray) -> np.ndarray:
-    return column.to_numpy()
+    values: np.ndarray = column.to_numpy()
+    return values
 
 
 def _check_types(table: pa.Table, where: _Where) -> None:
@@ -331,15 +333,15 @@ def _check_actions(table: pa.Table, where: _Where, action_space: Any) -> None:
         if action.shape[1] != size:
             raise where.fail(ACTION, None, f"has {action.shape[1]} values per row, but the "
                                               f"action space {action_space} has {size}")
-        low = action_space.low.reshape(-1).astype(np.float32)
-        high = action_space.high.reshape(-1).astype(np.float32)
-        outside = (action < low) | (action > high)
-        bad = outside.any(axis=1) if outside.any() else None
-        if bad is not None:
-            row = _first(bad)
+        box_low = action_space.low.reshape(-1).astype(np.float32)
+        box_high = action_space.high.reshape(-1).astype(np.float32)
+        outside: np.ndarray = (action < box_low) | (action > box_high)
+        if outside.any():
+            row = _first(np.asarray(outside.any(axis=1)))
             dim = _first(outside[row])
             raise where.fail(ACTION, row, f"action component {dim} = {action[row, dim]} lies "
-                                             f"outside the Box bounds [{low[dim]}, {high[dim]}]")
+                                          f"outside the Box bounds [{box_low[dim]}, "
+                                          f"{box_high[dim]}]")
     else:
         raise ValueError(f"unsupported action space {action_space!r}: only Box and Discrete "
                          f"are supported.")

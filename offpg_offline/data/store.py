@@ -282,7 +282,7 @@ class _ShardFile:
         """Write whole row groups of `pending` (all of it when `final`); return the rest."""
         rows = sum(p.num_rows for p in pending)
         size = self.row_group_size
-        if not final and rows < size:
+        if rows == 0 or (not final and rows < size):
             return pending
         table = pa.concat_tables(pending) if len(pending) > 1 else pending[0]
         full = rows if final else rows // size * size

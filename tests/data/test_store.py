@@ -66,6 +66,15 @@ def test_round_trip_keeps_every_value_and_shards_whole_episodes(tmp_path, make_l
     assert _leftovers(tmp_path) == []
 
 
+def test_shards_of_exactly_whole_row_groups(tmp_path, make_log) -> None:
+    # 100-row shards of 50-row groups: nothing is left to flush when a shard closes.
+    table = make_log([25] * 8, seed=3)
+    out = write_dataset(tmp_path / "ds", _chunks(table, 2), card={}, rows_per_file=100,
+                        row_group_size=50)
+    assert [f["rows"] for f in read_card(out)["files"]] == [100, 100]
+    assert read_table(out).equals(table)
+
+
 def test_card_stats_equal_a_slow_loop(tmp_path, make_log) -> None:
     lengths = [5, 1, 7, 3]
     table = make_log(lengths, seed=2)
@@ -131,6 +140,23 @@ def test_exception_mid_write_leaves_nothing(tmp_path, make_log, monkeypatch) -> 
     with pytest.raises(OSError, match="injected"):
         write_dataset(tmp_path / "ds", _chunks(table, 5), card={}, rows_per_file=100)
     assert len(opened) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_exception_in_a_shard_encoding_thread_leaves_nothing(tmp_path, make_log,
+                                                            monkeypatch) -> None:
+    table = make_log([20] * 30, seed=5)
+    original = store._ShardFile._flush
+
+    def flush_but_fail_in_second_shard(self, writer, pending, *, final):
+        if self.path.name == "part-00001.parquet":
+            raise OSError("write error in a shard thread (injected)")
+        return original(self, writer, pending, final=final)
+
+    monkeypatch.setattr(store._ShardFile, "_flush", flush_but_fail_in_second_shard)
+    with pytest.raises(OSError, match="injected"):
+        write_dataset(tmp_path / "ds", _chunks(table, 5), card={}, rows_per_file=100,
+                      row_group_size=50)
     assert list(tmp_path.iterdir()) == []
 
 
