@@ -11,6 +11,7 @@ Usage: python scripts/bench_behavior.py [--steps 100000] [--folds 5] [--threads 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +23,12 @@ import torch
 from offpg_offline.behavior.fit import FitConfig, fit_behavior
 from offpg_offline.data.spaces import space_to_json
 from offpg_offline.data.store import write_dataset
-from offpg_offline.data.synthetic import CARTPOLE_HEURISTIC, EpsilonGreedyController, rollout
+from offpg_offline.data.synthetic import (
+    CARTPOLE_HEURISTIC,
+    EpsilonGreedyController,
+    Log,
+    rollout,
+)
 
 GOAL_SECONDS = 60.0
 
@@ -36,6 +42,9 @@ def make_log(folder: Path, steps: int, seed: int) -> Path:
         if log.n_steps >= steps:
             break
         episodes = int(episodes * 1.2 * steps / log.n_steps) + 1
+    bounds = log.episode_bounds()
+    end = int(bounds[np.searchsorted(bounds, steps)])  # the first episode end at or past `steps`
+    log = Log(**{f.name: getattr(log, f.name)[:end] for f in dataclasses.fields(log)})
     env = gym.make("CartPole-v1")
     card = {
         "name": "bench-cartpole-eps",
@@ -61,7 +70,7 @@ def main() -> None:
         started = time.perf_counter()
         source = make_log(Path(tmp) / "log", args.steps, args.seed)
         made = time.perf_counter() - started
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         report = fit_behavior(
             source,
             out=Path(tmp) / "fitted",
@@ -69,12 +78,15 @@ def main() -> None:
             progress=lambda line: print(f"  {line}", flush=True),
         )
         seconds = time.perf_counter() - started
+        cpu_seconds = time.process_time() - cpu_started
     metrics = report.metrics
     rows = len(report.estimated_logp)
     print(f"log: {rows} steps (made in {made:.1f} s); threads {torch.get_num_threads()}")
     print(
-        f"behavior fit: {seconds:.1f} s for {rows} steps, {args.folds} folds + final model; "
-        f"goal {GOAL_SECONDS:.0f} s; ratio {seconds / GOAL_SECONDS:.2f} (≤ 1 meets the goal)"
+        f"behavior fit: {seconds:.1f} s wall ({cpu_seconds:.1f} s CPU) for {rows} steps, "
+        f"{args.folds} folds + final model; goal {GOAL_SECONDS:.0f} s; ratio "
+        f"{seconds / GOAL_SECONDS:.2f} wall, {cpu_seconds / GOAL_SECONDS:.2f} CPU (≤ 1 meets it; "
+        f"wall time counts other processes sharing the cores, CPU time does not)"
     )
     print(
         f"held-out NLL {metrics['behavior/nll_heldout']:.4f}; mean |Δ log p| vs truth "
