@@ -20,9 +20,11 @@ from offpg_offline.config import (
     PolicyKind,
     Propensity,
     RunConfig,
+    TrackingConfig,
     TrainConfig,
     as_params,
     load_config,
+    parse_config,
 )
 
 app = typer.Typer(
@@ -228,10 +230,15 @@ def train(
     experiment: Annotated[str | None, typer.Option(help="MLflow experiment name.")] = None,
     run_name: Annotated[str | None, typer.Option(help="MLflow run name.")] = None,
     out_dir: Annotated[Path | None, typer.Option(help="Checkpoint folder.")] = None,
+    resume: Annotated[str | None, typer.Option(
+        help="Continue run RUN_ID from its last checkpoint, with its configuration.")] = None,
 ) -> None:
     """Train a target policy on DATASET and record the run in MLflow."""
     overrides = {key: value for key, value in locals().items()
                  if key in TrainConfig.__dataclass_fields__ and value is not None}
+    if resume is not None:
+        _resume(dataset, resume, out_dir, given=[*overrides, *(["config"] if config else [])])
+        return
     try:
         run = load_config(config) if config else RunConfig()
         run = dataclasses.replace(
@@ -270,6 +277,31 @@ def train(
     typer.echo(f"checkpoint: {result.checkpoint}")
     uri = tracking.resolve_uri(run.tracking)
     typer.echo(f"view: offpg ui  (or: mlflow ui --backend-store-uri {uri})")
+
+
+def _resume(dataset: Path, run_id: str, out_dir: Path | None, given: list[str]) -> None:
+    """`offpg train DATASET --resume RUN_ID`: same run, same config, from the last checkpoint."""
+    if given:
+        fail(f"--resume takes the run's own configuration; drop --{given[0].replace('_', '-')}")
+    from offpg_offline import tracking
+    from offpg_offline import train as train_job
+
+    try:
+        text = tracking.run_artifact_text(TrackingConfig(), run_id, "config.toml")
+        run = parse_config(text, source=f"run {run_id} config.toml")
+        folder = out_dir or Path("runs") / run_id
+        checkpoint = train_job.latest_checkpoint(folder)
+        if checkpoint is None:
+            fail(f"no checkpoint of run {run_id} in {folder}; pass --out-dir where it saved them")
+        with tracking.MlflowTracker.start(run.tracking, experiment="", run_name="",
+                                          run_id=run_id) as tracker:
+            result = train_job.train(dataset, run.train, tracker=tracker, out_dir=folder,
+                                     progress=True, resume=checkpoint)
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err))
+    typer.echo(f"run {run_id} resumed from {checkpoint.name}; "
+               f"online/return_mean {result.metrics.get('online/return_mean', float('nan')):.4g}")
+    typer.echo(f"checkpoint: {result.checkpoint}")
 
 
 def _to_toml(run: RunConfig) -> str:

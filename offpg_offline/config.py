@@ -228,14 +228,19 @@ def build(cls: type[C], table: str, raw: Mapping[str, Any]) -> C:
 
 def load_config(path: Path) -> RunConfig:
     """Read a TOML file with optional [train] and [tracking] tables; unknown keys are errors."""
+    return parse_config(path.read_text(), source=str(path))
+
+
+def parse_config(text: str, *, source: str) -> RunConfig:
+    """`load_config` for TOML text; `source` names it in error messages."""
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path}: not valid TOML ({err})") from None
+        raise ValueError(f"{source}: not valid TOML ({err})") from None
     train = raw.pop("train", {})
     tracking = raw.pop("tracking", {})
     if raw:
-        raise ValueError(f"{path}: unknown table(s): {', '.join(sorted(raw))}")
+        raise ValueError(f"{source}: unknown table(s): {', '.join(sorted(raw))}")
     return RunConfig(
         train=build(TrainConfig, "train", train),
         tracking=build(TrackingConfig, "tracking", tracking),

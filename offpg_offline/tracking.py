@@ -2,7 +2,9 @@
 
 An `MlflowTracker` holds an explicit `MlflowClient` and run id (no fluent global state). It
 satisfies `train.Tracker` by structure. Metrics are buffered and written with `log_batch`
-(one `log_metric` to a sqlite store costs ~10 ms).
+(one `log_metric` to a sqlite store costs ~10 ms). Besides recording runs, this module logs
+the trained policy as an MLflow pyfunc model (`PolicyModel`), reads runs back for
+`offpg compare` (`find_runs`) and starts the MLflow server behind `offpg ui` (`serve`).
 """
 
 from __future__ import annotations
@@ -12,18 +14,28 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow.pyfunc
+import numpy as np
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model, infer_signature
 
+from offpg_offline import __version__
 from offpg_offline.config import TrackingConfig
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -165,6 +177,24 @@ class MlflowTracker:
             tags=[InputTag(key="mlflow.data.context", value=context)],
         )
         self._client.log_inputs(self.run_id, datasets=[entity])
+
+
+def run_artifact_text(config: TrackingConfig, run_id: str, artifact_path: str) -> str:
+    """The text of one artifact of a run (e.g. its `config.toml`); one sentence if missing."""
+    client = open_client(config)
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        store = resolve_uri(config)
+        raise ValueError(f"run {run_id} is not in the tracking store {store}") from None
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            local = client.download_artifacts(run_id, artifact_path, scratch)
+        except (MlflowException, OSError):
+            raise ValueError(f"run {run_id} has no artifact {artifact_path}") from None
+        return Path(local).read_text()
 
 
 def open_client(config: TrackingConfig) -> MlflowClient:

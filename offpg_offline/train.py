@@ -10,6 +10,7 @@ It never imports mlflow: a `Tracker` is handed in.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import time
 from collections.abc import Iterator, Mapping
@@ -89,6 +90,13 @@ def behavior_logp_of(batch: StepBatch, propensity: Propensity, dataset: Path) ->
     return column
 
 
+def stream(seed: int, name: str, index: int = 0) -> torch.Generator:
+    """An independent, reproducible random stream per purpose (split, bc, value, batches, ...),
+    so that a resumed run can rebuild every stream without replaying the others."""
+    digest = hashlib.sha256(f"{seed}/{name}/{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
 def split_episodes(
     n_episodes: int, val_fraction: float, generator: torch.Generator
 ) -> tuple[Tensor, Tensor]:
@@ -166,23 +174,27 @@ def diagnostic_subset(view: LogView, max_steps: int, generator: torch.Generator)
     return view.rows(episode_rows(view.episode_start, order[:keep].sort().values), as_steps=False)
 
 
-def make_batches(
-    view: LogView, config: TrainConfig, generator: torch.Generator
-) -> Iterator[LogView]:
-    """Endless seeded batches: whole episodes for the product estimators, steps for `per-step`."""
+def make_batches(view: LogView, config: TrainConfig, start_step: int = 0) -> Iterator[LogView]:
+    """Endless seeded batches: whole episodes for the product estimators, steps for `per-step`.
+
+    Batch k (0-based) is the (k mod B)-th slice of epoch k // B's permutation, and each epoch's
+    permutation has its own random stream, so the sequence can be resumed at any `start_step`.
+    """
     as_steps = config.estimator is EstimatorName.PER_STEP
     units = view.step.shape[0] if as_steps else int(view.episode_start.sum())
     size = min(config.batch_steps if as_steps else config.batch_episodes, units)
+    per_epoch = units // size
+    epoch, position = divmod(start_step, per_epoch)
     while True:
-        order = torch.randperm(units, generator=generator)
-        for begin in range(0, units - size + 1, size):
+        order = torch.randperm(units, generator=stream(config.seed, "batches", epoch))
+        for begin in range(position * size, per_epoch * size, size):
             chosen = order[begin : begin + size]
             if as_steps:
                 yield view.rows(chosen, as_steps=True)
             else:
-                yield view.rows(
-                    episode_rows(view.episode_start, chosen.sort().values), as_steps=False
-                )
+                rows = episode_rows(view.episode_start, chosen.sort().values)
+                yield view.rows(rows, as_steps=False)
+        epoch, position = epoch + 1, 0
 
 
 def surrogate(policy: nn.Module, view: LogView, config: TrainConfig) -> tuple[Tensor, Tensor]:
@@ -307,9 +319,10 @@ def save_checkpoint(
     *,
     step: int,
     config: TrainConfig,
-    generator: torch.Generator,
 ) -> Path:
-    """State dicts and RNG states only, so `torch.load(path, weights_only=True)` reads it."""
+    """Model and optimiser state, step and config, so `torch.load(path, weights_only=True)`
+    reads it and `train(..., resume=path)` continues exactly (every random stream is rebuilt
+    from the seed and the step; see `stream`). Written to a temporary name, then renamed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(
@@ -319,13 +332,19 @@ def save_checkpoint(
             "optimizer": optimizer.state_dict(),
             "step": step,
             "config": as_params(config),
-            "generator": generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
         },
         tmp,
     )
     tmp.replace(path)
     return path
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The checkpoint with the highest step in `out_dir` (final.pt counts as the last)."""
+    found = sorted(out_dir.glob("step-*.pt"))
+    if (out_dir / "final.pt").is_file():
+        found.append(out_dir / "final.pt")
+    return found[-1] if found else None
 
 
 def online_metrics(
@@ -376,35 +395,45 @@ def train(
     tracker: Tracker | None = None,
     out_dir: Path | None = None,
     progress: bool = False,
+    resume: Path | None = None,
 ) -> TrainResult:
-    """Optimise π_θ on the log at `dataset` with `config.estimator`; see the module docstring."""
+    """Optimise π_θ on the log at `dataset` with `config.estimator`; see the module docstring.
+
+    With `resume` (a checkpoint of a run with the same config), training continues after the
+    checkpoint's step, and the final parameters equal those of an uninterrupted run bit for bit
+    on CPU.
+    """
     tracker = tracker or NullTracker()
     torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
     out_dir = out_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    checkpoint = None if resume is None else load_resumable(resume, config)
+    start_step = 0 if checkpoint is None else int(checkpoint["step"])
 
     # Load and split.
     card = read_card(dataset)
     batch = load_steps(dataset)
     behavior_logp = behavior_logp_of(batch, config.propensity, dataset)
-    train_idx, val_idx = split_episodes(batch.n_episodes, config.val_fraction, generator)
+    train_idx, val_idx = split_episodes(
+        batch.n_episodes, config.val_fraction, stream(config.seed, "split")
+    )
     train_rows = episode_rows(batch.episode_start, train_idx)
     val_rows = episode_rows(batch.episode_start, val_idx)
     train_batch = batch.episodes(train_idx)
     env_id = resolve_env(card, config)
-    tracker.log_params(as_params(config))
-    tracker.set_tags(
-        {
-            "estimator": config.estimator.value,
-            "propensity": config.propensity.value,
-            "dataset": str(card.get("name", dataset.name)),
-            "split.train_episodes": str(len(train_idx)),
-            "split.validation_episodes": str(len(val_idx)),
-        }
-    )
+    if checkpoint is None:
+        tracker.log_params(as_params(config))
+        tracker.set_tags(
+            {
+                "estimator": config.estimator.value,
+                "propensity": config.propensity.value,
+                "dataset": str(card.get("name", dataset.name)),
+                "split.train_episodes": str(len(train_idx)),
+                "split.validation_episodes": str(len(val_idx)),
+            }
+        )
 
-    # Build the policy (and the baseline).
+    # Build the policy (behavior-cloned, or restored) and the baseline.
+    torch.manual_seed(config.seed)
     policy = make_policy(
         space_from_json(card["observation_space"]),
         space_from_json(card["action_space"]),
@@ -413,8 +442,13 @@ def train(
         obs_mean=train_batch.obs.mean(0),
         obs_std=train_batch.obs.std(0).clamp_min(1e-6),
     )
+    optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
     metrics: dict[str, float] = {}
-    if config.init is Init.BC:
+    bc_metrics: dict[str, float] = {}
+    if checkpoint is not None:
+        policy.load_state_dict(checkpoint["state_dict"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    elif config.init is Init.BC:
         behavior_clone(
             policy,
             train_batch.obs,
@@ -422,45 +456,25 @@ def train(
             steps=config.bc_steps,
             lr=1e-3,
             batch_size=1024,
-            generator=generator,
+            generator=stream(config.seed, "bc"),
         )
-        metrics.update(online_metrics(policy, env_id, config, prefix="bc"))
+        bc_metrics = online_metrics(policy, env_id, config, prefix="bc")
+        tracker.log_metrics(bc_metrics, step=0)
     full_view = make_view(batch, behavior_logp, config, baseline=None)
     train_view = full_view.rows(train_rows, as_steps=False)
     val_view = full_view.rows(val_rows, as_steps=False) if len(val_idx) else None
-    if config.baseline is Baseline.VALUE:
-        value = fit_value_baseline(
-            make_view(
-                train_batch,
-                behavior_logp[train_rows],
-                dataclasses.replace(config, estimator=EstimatorName.PER_DECISION),
-                None,
-            ),
-            config,
-            generator,
-        )
-        with torch.no_grad():
-            train_view = dataclasses.replace(train_view, baseline=value(train_view.obs))
-    elif config.baseline is Baseline.CONSTANT:
-        returns = estimators.discounted_returns(
-            train_batch.reward, train_batch.episode_start, config.gamma
-        )
-        train_view = dataclasses.replace(
-            train_view, baseline=torch.full_like(train_view.reward, float(returns.mean()))
-        )
+    train_view = with_baseline(train_view, train_batch, behavior_logp[train_rows], config)
+    train_probe = diagnostic_subset(train_view, DIAGNOSTIC_STEPS, stream(config.seed, "probe"))
+    val_probe = (
+        None
+        if val_view is None
+        else diagnostic_subset(val_view, DIAGNOSTIC_STEPS, stream(config.seed, "probe", 1))
+    )
 
     # Optimise.
-    optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
-    diagnostic_generator = torch.Generator().manual_seed(config.seed + 1)
-    train_probe = diagnostic_subset(train_view, DIAGNOSTIC_STEPS, diagnostic_generator)
-    val_probe = (
-        diagnostic_subset(val_view, DIAGNOSTIC_STEPS, diagnostic_generator)
-        if val_view is not None
-        else None
-    )
-    batches = make_batches(train_view, config, generator)
-    with _progress(progress, config.steps) as advance:
-        for step in range(1, config.steps + 1):
+    batches = make_batches(train_view, config, start_step)
+    with _progress(progress, config.steps, start_step) as advance:
+        for step in range(start_step + 1, config.steps + 1):
             view = next(batches)
             loss, _ = surrogate(policy, view, config)
             optimizer.zero_grad()
@@ -474,12 +488,7 @@ def train(
                 tracker.log_metrics(metrics, step=step)
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 save_checkpoint(
-                    out_dir / f"step-{step:06d}.pt",
-                    policy,
-                    optimizer,
-                    step=step,
-                    config=config,
-                    generator=generator,
+                    out_dir / f"step-{step:06d}.pt", policy, optimizer, step=step, config=config
                 )
             if config.eval_every and step % config.eval_every == 0 and step < config.steps:
                 tracker.log_metrics(online_metrics(policy, env_id, config), step=step)
@@ -488,39 +497,77 @@ def train(
             )
 
     final = save_checkpoint(
-        out_dir / "final.pt",
-        policy,
-        optimizer,
-        step=config.steps,
-        config=config,
-        generator=generator,
+        out_dir / "final.pt", policy, optimizer, step=config.steps, config=config
     )
     online = online_metrics(policy, env_id, config)
     metrics.update(online)
+    metrics.update(bc_metrics)
     tracker.log_metrics(online, step=config.steps)
     tracker.log_artifact(final, "checkpoints")
     with torch.no_grad():
-        final_logp = policy.log_prob(train_view.obs, train_view.action)
         final_log_weights = estimators.diagnostic_log_weights(
-            final_logp,
+            policy.log_prob(train_view.obs, train_view.action),
             train_view.behavior_logp,
             train_view.episode_start,
             level="episode" if config.estimator in EPISODIC else "step",
         )
     return TrainResult(
-        final_log_weights=final_log_weights,
         checkpoint=final,
         metrics=metrics,
         train_episodes=tuple(train_idx.tolist()),
         validation_episodes=tuple(val_idx.tolist()),
+        final_log_weights=final_log_weights,
     )
+
+
+def load_resumable(path: Path, config: TrainConfig) -> dict[str, Any]:
+    """A checkpoint to resume from; one clear sentence when it belongs to another config."""
+    checkpoint = torch.load(path, weights_only=True)
+    saved = dict(checkpoint.get("config", {}))
+    wanted = as_params(config)
+    differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    if differ:
+        raise ValueError(
+            f"{path} was written with another configuration "
+            f"(differs in: {', '.join(differ)}); resume needs the same one"
+        )
+    if int(checkpoint["step"]) >= config.steps:
+        raise ValueError(f"{path} is at step {checkpoint['step']}: the run is already complete")
+    return checkpoint
+
+
+def with_baseline(
+    view: LogView, train_batch: StepBatch, behavior_logp: Tensor, config: TrainConfig
+) -> LogView:
+    """Attach b(s_t): a value network fitted on the log, or the mean discounted return."""
+    if config.baseline is Baseline.VALUE:
+        value = fit_value_baseline(
+            make_view(
+                train_batch,
+                behavior_logp,
+                dataclasses.replace(config, estimator=EstimatorName.PER_DECISION),
+                None,
+            ),
+            config,
+            stream(config.seed, "value"),
+        )
+        with torch.no_grad():
+            return dataclasses.replace(view, baseline=value(view.obs))
+    if config.baseline is Baseline.CONSTANT:
+        returns = estimators.discounted_returns(
+            train_batch.reward, train_batch.episode_start, config.gamma
+        )
+        return dataclasses.replace(
+            view, baseline=torch.full_like(view.reward, float(returns.mean()))
+        )
+    return view
 
 
 class _progress:
     """A rich progress bar with live loss and ESS, or nothing when disabled."""
 
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled, self.total = enabled, total
+    def __init__(self, enabled: bool, total: int, start: int = 0) -> None:
+        self.enabled, self.total, self.start = enabled, total, start
 
     def __enter__(self) -> Any:
         if not self.enabled:
@@ -535,7 +582,7 @@ class _progress:
             transient=False,
         )
         self._bar.__enter__()
-        task = self._bar.add_task("train", total=self.total, status="")
+        task = self._bar.add_task("train", total=self.total, completed=self.start, status="")
 
         def advance(loss: float, ess: float) -> None:
             self._bar.update(task, advance=1, status=f"loss {loss:.4g}  ESS {ess:.0%}")

@@ -19,6 +19,7 @@ from offpg_offline.train import (
     make_batches,
     make_view,
     split_episodes,
+    stream,
     train,
 )
 
@@ -55,10 +56,10 @@ def test_episode_rows_equals_a_slow_loop() -> None:
 
 
 def test_split_is_a_seeded_partition_of_episodes() -> None:
-    train_idx, val_idx = split_episodes(50, 0.2, torch.Generator().manual_seed(3))
+    train_idx, val_idx = split_episodes(50, 0.2, stream(3, "split"))
     assert len(val_idx) == 10
     assert sorted(train_idx.tolist() + val_idx.tolist()) == list(range(50))
-    again, _ = split_episodes(50, 0.2, torch.Generator().manual_seed(3))
+    again, _ = split_episodes(50, 0.2, stream(3, "split"))
     assert torch.equal(train_idx, again)
 
 
@@ -66,7 +67,7 @@ def test_episodic_batches_hold_whole_episodes_and_step_batches_hold_returns() ->
     batch = load_steps(WEAK)
     view = make_view(batch, batch.logged_logp, FAST, baseline=None)
     config = dataclasses.replace(FAST, estimator=EstimatorName.PER_DECISION, batch_episodes=7)
-    episodic = next(make_batches(view, config, torch.Generator().manual_seed(0)))
+    episodic = next(make_batches(view, config))
     assert int(episodic.episode_start.sum()) == 7
     # Whole episodes: each starts at step 0 and steps count up by one until the next start.
     expected_step = (
@@ -81,7 +82,7 @@ def test_episodic_batches_hold_whole_episodes_and_step_batches_hold_returns() ->
     step_view = make_view(batch, batch.logged_logp, per_step, baseline=None)
     returns = discounted_returns(batch.reward, batch.episode_start, 0.9).float()
     torch.testing.assert_close(step_view.reward, returns)
-    steps = next(make_batches(step_view, per_step, torch.Generator().manual_seed(0)))
+    steps = next(make_batches(step_view, per_step))
     assert len(steps.step) == 64 and bool(steps.episode_start.all()) and not steps.step.any()
 
 
@@ -164,3 +165,58 @@ def test_default_configuration_improves_far_beyond_behavior_cloning(tmp_path: Pa
     # failing for a wrong weight, sign or baseline (those stay at or below the clone).
     result = train(WEAK, TrainConfig(steps=200, eval_episodes=10), out_dir=tmp_path)
     assert result.metrics["online/return_mean"] > 3 * result.metrics["bc/return_mean"]
+
+
+def test_batches_resume_at_any_step() -> None:
+    batch = load_steps(WEAK)
+    config = dataclasses.replace(FAST, estimator=EstimatorName.TRAJECTORY, batch_episodes=50)
+    view = make_view(batch, batch.logged_logp, config, baseline=None)
+    stream_all = make_batches(view, config)
+    first = [next(stream_all).obs for _ in range(15)]  # 400 episodes / 50: crosses 1 epoch
+    resumed = make_batches(view, config, start_step=9)
+    for expected in first[9:]:
+        assert torch.equal(next(resumed).obs, expected)
+
+
+def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    config = dataclasses.replace(
+        FAST,
+        steps=30,
+        checkpoint_every=10,
+        init=Init.BC,
+        bc_steps=10,
+        baseline=Baseline.VALUE,
+        estimator=EstimatorName.PER_DECISION,
+    )
+    whole = train(WEAK, config, out_dir=tmp_path / "whole")
+    # "Interrupted" after step 10: only its checkpoint survives in a fresh folder.
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (tmp_path / "whole" / "step-000010.pt").rename(partial / "step-000010.pt")
+    tracker = RecordingTracker()
+    resumed = train(
+        WEAK, config, out_dir=partial, resume=partial / "step-000010.pt", tracker=tracker
+    )
+    a = torch.load(whole.checkpoint, weights_only=True)
+    b = torch.load(resumed.checkpoint, weights_only=True)
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert tracker.params == {}  # params were logged by the first run
+    assert [step for step, m in tracker.metrics if "train/loss" in m] == [15, 20, 25, 30]
+
+
+def test_resume_refuses_another_configuration(tmp_path: Path) -> None:
+    result = train(WEAK, dataclasses.replace(FAST, checkpoint_every=10), out_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"another configuration \(differs in: gamma\)"):
+        train(
+            WEAK,
+            dataclasses.replace(FAST, checkpoint_every=10, gamma=0.5),
+            resume=tmp_path / "step-000010.pt",
+            out_dir=tmp_path,
+        )
+    with pytest.raises(ValueError, match="already complete"):
+        train(
+            WEAK,
+            dataclasses.replace(FAST, checkpoint_every=10),
+            resume=result.checkpoint,
+            out_dir=tmp_path,
+        )
