@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS: dict[str, dict[str, Any]] = {
     "default": {},
     "per-step ppo0.2": {"clip": None, "ppo_epsilon": 0.2},
-    "per-step clip2, no baseline": {"baseline": "none"},
+    "per-step clip2 no-baseline": {"baseline": "none"},
     "per-decision clip2 kl0.1": {"estimator": "per-decision", "kl_coef": 0.1},
     "past-weight clip2": {"estimator": "past-weight"},
     "trajectory clip10-cum sn": {
