@@ -236,16 +236,17 @@ def _fit_one(
     train_mask[shuffled[n_stop:]] = True
     fit_rows = torch.nonzero(train_mask[episode_of_row]).reshape(-1)
     stop_rows = torch.nonzero(stop_mask[episode_of_row]).reshape(-1)
-    torch.manual_seed(seed)  # the initial weights
-    model = make_behavior_model(
-        batch.obs.shape[1],
-        action_space,
-        kind=config.model,
-        hidden=config.hidden,
-        components=config.components,
-        obs_mean=obs_mean,
-        obs_std=obs_std,
-    )
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights; the caller's RNG untouched
+        torch.manual_seed(seed)
+        model = make_behavior_model(
+            batch.obs.shape[1],
+            action_space,
+            kind=config.model,
+            hidden=config.hidden,
+            components=config.components,
+            obs_mean=obs_mean,
+            obs_std=obs_std,
+        )
     steps = config.steps
     if config.epochs is not None:
         steps = max(1, math.ceil(config.epochs * len(fit_rows) / config.batch_size))
@@ -299,6 +300,8 @@ def cross_fit(
         A `CrossFit` (log-probabilities before the floor).
     """
     kind = resolve_kind(config.model, action_space)
+    # Observation statistics use every row's state but no action, so no fold sees the actions
+    # it is scored on.
     obs64 = batch.obs.double()
     obs_mean, obs_std = obs64.mean(0).float(), obs64.std(0, correction=0).float()
     generator = torch.Generator().manual_seed(config.seed)
