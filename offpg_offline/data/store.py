@@ -31,7 +31,7 @@ from offpg_offline.data.spaces import space_from_json, space_to_json
 CARD_NAME = "dataset.json"
 DEFAULT_ROWS_PER_FILE = 262_144  # 4 row groups; shards are encoded two at a time
 DEFAULT_ROW_GROUP_SIZE = 65_536
-DEFAULT_COMPRESSION = "zstd"
+DEFAULT_COMPRESSION = "snappy"  # Parquet's default; zstd is ~25% slower to write, ~10% smaller
 _HASH_BLOCK = 1 << 20
 
 
