@@ -122,6 +122,23 @@ class TrainConfig:
     threads: int = field(
         default=1, metadata={"help": "torch CPU threads (1 is fastest for small MLPs)."}
     )
+    device: str = field(
+        default="auto",
+        metadata={"help": "auto (the GPU when CUDA is available), cpu or cuda."},
+    )
+    stream: bool = field(
+        default=False,
+        metadata={"help": "Stream the log from Parquet instead of loading it (always when the "
+                          "log exceeds memory_budget)."},
+    )
+    memory_budget: float = field(
+        default=2.0,
+        metadata={"help": "GB the in-memory trainer may use; larger logs are streamed."},
+    )
+    shuffle_buffer_episodes: int = field(
+        default=1024,
+        metadata={"help": "Episodes held in the streaming shuffle buffer."},
+    )
     log_every: int = field(default=25, metadata={"help": "Log diagnostics every N steps."})
     checkpoint_every: int = field(
         default=0, metadata={"help": "Save a checkpoint every N steps (0: only at the end)."}
@@ -148,8 +165,12 @@ class TrainConfig:
             "eval_episodes",
             "threads",
             "log_every",
+            "memory_budget",
+            "shuffle_buffer_episodes",
         ):
             _positive(name, getattr(self, name))
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be one of auto, cpu, cuda, got {self.device!r}")
         if self.clip is not None:
             _positive("clip", self.clip)
         if self.ppo_epsilon is not None and not 0.0 < self.ppo_epsilon < 1.0:
