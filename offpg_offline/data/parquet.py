@@ -231,7 +231,7 @@ class _Plan:
 
     def describe(self) -> dict[str, Any]:
         """The mapping as recorded in the card."""
-        columns = {key: value for key, value in self.labels().items()}
+        columns = self.labels()
         if self.done is not None:
             columns["done"] = self.done
         return columns
@@ -309,6 +309,15 @@ def _resolve(schema: pl.Schema, mapping: ColumnMapping, file: str,
         discrete = False
     reward = column("reward", required=True)
     assert reward is not None
+    step = column("step")
+    for key, name in (("reward", reward), ("step", step), ("propensity", mapping.propensity_col)):
+        if name is None or name not in schema:
+            continue
+        dtype = schema[name]
+        if not dtype.is_numeric() or (key == "step" and not dtype.is_integer()):
+            kind = "integers" if key == "step" else "numbers"
+            raise sc.DataError.at(file, name, None, f"has type {dtype}, but {key} values must be "
+                                                    f"{kind}")
     flags = {key: column(key) for key in ("terminated", "truncated", "done")}
     for key, name in flags.items():
         if name is not None and not (schema[name] == pl.Boolean or schema[name].is_integer()):
@@ -329,7 +338,7 @@ def _resolve(schema: pl.Schema, mapping: ColumnMapping, file: str,
         raise sc.DataError.at(file, propensity, None, "holds probabilities, which are not "
                                                       "defined for continuous actions (give "
                                                       "log-densities with --propensity-kind logp)")
-    return _Plan(file=file, episode_id=episode_id, step=column("step"), obs=obs,
+    return _Plan(file=file, episode_id=episode_id, step=step, obs=obs,
                  next_obs=next_obs, action=action, action_discrete=discrete, reward=reward,
                  terminated=flags["terminated"], truncated=flags["truncated"],
                  done=flags["done"], propensity=propensity, propensity_kind=kind)
@@ -620,7 +629,10 @@ def count_rows(files: Sequence[Path]) -> int | None:
 
     if any(f.suffix.lower() not in PARQUET_SUFFIXES for f in files):
         return None
-    return sum(pq.read_metadata(f).num_rows for f in files)
+    try:
+        return sum(pq.read_metadata(f).num_rows for f in files)
+    except (pa.ArrowException, OSError):  # the ingest itself reports the unreadable file
+        return None
 
 
 def _env_spaces(env_id: str) -> tuple[Any, Any, str | None]:
@@ -690,7 +702,11 @@ def ingest_parquet(
                 action_space = env_action
     plans: list[_Plan] = []
     for file in files:
-        schema = _scan(file).collect_schema()
+        try:
+            schema = _scan(file).collect_schema()
+        except (pl.exceptions.PolarsError, OSError) as err:
+            raise sc.DataError(f"{file}: could not be read ({_one_line(err)}).",
+                               source=str(file)) from None
         plans.append(_resolve(schema, mapping, str(file), action_space))
     by_id = plans[0].episode_id is not None
     for plan in plans[1:]:
@@ -768,7 +784,7 @@ def ingest_parquet(
     try:
         write_dataset(Path(out), tables(), card=card, overwrite=overwrite, progress=count,
                       rows_per_file=rows_per_file or DEFAULT_ROWS_PER_FILE)
-    except pl.exceptions.PolarsError as err:
+    except (pl.exceptions.PolarsError, pa.ArrowException) as err:
         raise sc.DataError(f"{current[0].file}: could not be read ({_one_line(err)}).",
                            source=current[0].file) from None
     finally:

@@ -651,17 +651,17 @@ def iter_record_batches(
         columns: column names to read (default: all).
         batch_size: maximum rows per batch.
     """
-    files = dataset_files(path)
-    dataset = pads.dataset([str(f) for f in files], format="parquet")
     names = list(columns) if columns is not None else None
-    yield from dataset.to_batches(columns=names, batch_size=batch_size)
+    for file in dataset_files(path):  # one file at a time: the card's order is episode order
+        yield from pads.dataset(file, format="parquet").to_batches(columns=names,
+                                                                     batch_size=batch_size)
 
 
 def read_table(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
     """A whole dataset (or some columns) as one Arrow table, rows in order."""
-    files = dataset_files(path)
-    dataset = pads.dataset([str(f) for f in files], format="parquet")
-    return dataset.to_table(columns=list(columns) if columns is not None else None)
+    names = list(columns) if columns is not None else None
+    return pa.concat_tables(pads.dataset(file, format="parquet").to_table(columns=names)
+                            for file in dataset_files(path))
 
 
 def verify_dataset(path: Path) -> list[str]:

@@ -416,3 +416,17 @@ def test_parse_action_space() -> None:
     assert parse_action_space('{"type": "Discrete", "n": 3}') == spaces.Discrete(3)
     with pytest.raises(ValueError, match="is not discrete:N, box:LOW:HIGH:DIM or space JSON"):
         parse_action_space("cube:3")
+
+
+def test_error_non_numeric_reward(tmp_path) -> None:
+    frame = _list_frame(_foreign()).with_columns(pl.col("r").cast(pl.String))
+    assert _ingest_error(tmp_path, frame) == (
+        "column 'r': has type String, but reward values must be numbers.")
+
+
+def test_error_unreadable_file(tmp_path) -> None:
+    path = tmp_path / "log.parquet"
+    path.write_text("not,parquet\n1,2\n")
+    with pytest.raises(DataError, match=r"log\.parquet: could not be read \(parquet: "):
+        ingest_parquet([path], tmp_path / "ds")
+    _assert_nothing_written(tmp_path, tmp_path / "ds")
