@@ -514,6 +514,7 @@ def write_dataset(
                 sc.validate_table(table, source=source, action_space=action_space,
                                   row_offset=offset)
                 if shards is None:
+                    _check_observation_space(card.get("observation_space"), table, source)
                     shards = _ShardWriter(tmp, table.schema, rows_per_file=rows_per_file,
                                           row_group_size=row_group_size, compression=compression)
                 starts = _episode_starts(table)
@@ -555,6 +556,19 @@ def write_dataset(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _check_observation_space(space: Mapping[str, Any] | None, table: pa.Table,
+                             source: str) -> None:
+    """The card's observation space must describe the stored (flat) observation vectors."""
+    if not space or space.get("type") not in ("Box", "Discrete"):
+        return
+    size = int(np.prod(space["shape"])) if space["type"] == "Box" else 1
+    obs_type = table.schema.field(sc.OBS).type
+    if pa.types.is_fixed_size_list(obs_type) and obs_type.list_size != size:
+        raise sc.DataError.at(source, sc.OBS, None,
+                              f"{obs_type.list_size} values per row, but the observation space "
+                              f"({space['type']} of shape {space.get('shape', [1])}) has {size}")
 
 
 def _check_consistent(table: pa.Table, schema: pa.Schema, source: str, offset: int) -> None:

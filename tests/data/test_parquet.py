@@ -224,6 +224,16 @@ def test_env_spaces_are_used_and_checked(tmp_path) -> None:
     _assert_nothing_written(tmp_path, tmp_path / "ds")
 
 
+def test_env_observation_space_must_match_the_obs_columns(tmp_path) -> None:
+    log = _foreign(seed=6, n_actions=2)  # 3-dimensional obs; CartPole's are 4-dimensional
+    with pytest.raises(DataError, match=r"column 'state' \(obs\): 3 values per row, but the "
+                                        r"observation space \(Box of shape \[4\]\) has 4\.$"):
+        _list_frame(log).write_parquet(tmp_path / "log.parquet")
+        ingest_parquet([tmp_path / "log.parquet"], tmp_path / "ds", mapping=LIST_MAPPING,
+                       env_id="CartPole-v1")
+    _assert_nothing_written(tmp_path, tmp_path / "ds")
+
+
 def test_obs_from_one_scalar_column_is_one_dimensional(tmp_path) -> None:
     log = _foreign(seed=7)
     pl.DataFrame({"episode_id": log["episode"], "obs": log["obs"][:, 0], "action": log["action"],

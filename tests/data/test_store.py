@@ -191,6 +191,17 @@ def test_inconsistent_obs_dimension_across_chunks(tmp_path, make_log) -> None:
         "fixed_size_list<float32>[4] here but fixed_size_list<float32>[3] in earlier rows.")
 
 
+def test_observation_space_of_another_size_is_refused(tmp_path, make_log) -> None:
+    space = {"type": "Box", "dtype": "float32", "shape": [2, 2], "low": [[0, 0], [0, 0]],
+             "high": [[1, 1], [1, 1]]}
+    with pytest.raises(DataError) as info:
+        write_dataset(tmp_path / "ds", [make_log([3], obs_dim=3)],
+                      card={"observation_space": space})
+    assert str(info.value) == ("input: column 'obs': 3 values per row, but the observation "
+                               "space (Box of shape [2, 2]) has 4.")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_propensity_filled_in_some_chunks_only(tmp_path, make_log) -> None:
     with pytest.raises(DataError) as info:
         write_dataset(tmp_path / "ds", [make_log([3]), make_log([2], logged=False, first_id=5)],
