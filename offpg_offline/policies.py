@@ -36,12 +36,19 @@ SQUASH_EPS = 1e-6  # actions are clamped this fraction of (high - low) inside th
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
-def mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
-    """A tanh MLP `in_dim → hidden... → out_dim` with a linear output layer."""
+ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
+
+
+def mlp(
+    in_dim: int, hidden: Sequence[int], out_dim: int, activation: str = "tanh"
+) -> nn.Sequential:
+    """An MLP `in_dim → hidden... → out_dim` (tanh or relu between layers, linear output)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     layers: list[nn.Module] = []
     last = in_dim
     for width in hidden:
-        layers += [nn.Linear(last, int(width)), nn.Tanh()]
+        layers += [nn.Linear(last, int(width)), ACTIVATIONS[activation]()]
         last = int(width)
     layers.append(nn.Linear(last, out_dim))
     return nn.Sequential(*layers)
@@ -203,13 +210,15 @@ class CategoricalPolicy(nn.Module):
         *,
         obs_mean: Any = None,
         obs_std: Any = None,
+        activation: str = "tanh",
     ) -> None:
         super().__init__()
         if n_actions < 2:
             raise ValueError(f"n_actions must be at least 2, got {n_actions}")
         self.obs_dim, self.n_actions, self.hidden = int(obs_dim), int(n_actions), tuple(hidden)
         register_obs_normalization(self, self.obs_dim, obs_mean, obs_std)
-        self.net = mlp(self.obs_dim, self.hidden, self.n_actions)
+        self.activation = activation
+        self.net = mlp(self.obs_dim, self.hidden, self.n_actions, activation)
 
     def logits(self, obs: Tensor) -> Tensor:
         """Normalised log-probabilities of every action, [M, n_actions]."""
@@ -243,6 +252,7 @@ class CategoricalPolicy(nn.Module):
             "obs_dim": self.obs_dim,
             "n_actions": self.n_actions,
             "hidden": list(self.hidden),
+            "activation": self.activation,
         }
 
 
@@ -281,6 +291,7 @@ class GaussianPolicy(nn.Module):
         log_std_init: float = 0.0,
         obs_mean: Any = None,
         obs_std: Any = None,
+        activation: str = "tanh",
     ) -> None:
         super().__init__()
         if std not in ("learned", "state"):
@@ -299,7 +310,8 @@ class GaussianPolicy(nn.Module):
             truncate=self.truncate,
         )
         heads = 2 if std == "state" else 1
-        self.net = mlp(self.obs_dim, self.hidden, heads * self.action_dim)
+        self.activation = activation
+        self.net = mlp(self.obs_dim, self.hidden, heads * self.action_dim, activation)
         if std == "learned":
             self.log_std = nn.Parameter(torch.full((self.action_dim,), self.log_std_init))
 
@@ -373,6 +385,7 @@ class GaussianPolicy(nn.Module):
             "hidden": list(self.hidden),
             "std": self.std_mode,
             "log_std_init": self.log_std_init,
+            "activation": self.activation,
             "action_low": [float(v) for v in self.action_low.tolist()],
             "action_high": [float(v) for v in self.action_high.tolist()],
         }
@@ -460,7 +473,12 @@ def policy_from_spec(spec: dict[str, Any]) -> Policy:
     """Build an untrained policy from `policy.spec()`."""
     kind = spec.get("kind")
     if kind == "categorical":
-        return CategoricalPolicy(spec["obs_dim"], spec["n_actions"], spec["hidden"])
+        return CategoricalPolicy(
+            spec["obs_dim"],
+            spec["n_actions"],
+            spec["hidden"],
+            activation=spec.get("activation", "tanh"),
+        )
     if kind in GAUSSIAN_KINDS:
         return GaussianPolicy(
             spec["obs_dim"],
@@ -472,6 +490,7 @@ def policy_from_spec(spec: dict[str, Any]) -> Policy:
             action_low=spec["action_low"],
             action_high=spec["action_high"],
             log_std_init=spec["log_std_init"],
+            activation=spec.get("activation", "tanh"),
         )
     raise ValueError(f"unknown policy kind {kind!r} in checkpoint spec")
 
