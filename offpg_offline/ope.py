@@ -869,6 +869,29 @@ class Estimate:
         return out
 
 
+def selection_score(estimates: Sequence[Estimate], by: str) -> float:
+    """The number to maximise when choosing a checkpoint by OPE (`train --select-by BY`).
+
+    Args:
+        estimates: from `evaluate_offline`.
+        by: `<name>` (point estimate), `<name>_ci_low` (lower end of the bootstrap interval) or
+            `<name>_lb` (HCOPE lower bound: is, pdis), e.g. "wdr" or "wdr_ci_low".
+
+    Returns:
+        The chosen number.
+    """
+    for estimate in estimates:
+        if by == estimate.name:
+            return estimate.value
+        if by == f"{estimate.name}_ci_low":
+            return estimate.ci_low
+        if by == f"{estimate.name}_lb" and estimate.lower_bound is not None:
+            return estimate.lower_bound
+    choices = [c for e in estimates for c in (e.name, f"{e.name}_ci_low")
+               + ((f"{e.name}_lb",) if e.lower_bound is not None else ())]
+    raise ValueError(f"cannot select by {by!r}; choose from {', '.join(choices)}")
+
+
 def evaluate_offline(
     policy: TargetPolicy,
     batch: StepBatch,

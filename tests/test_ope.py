@@ -33,6 +33,7 @@ from offpg_offline.ope import (
     importance_sampling,
     per_decision_ess,
     per_decision_importance_sampling,
+    selection_score,
     trajectory_weights,
     weighted_doubly_robust,
     weighted_importance_sampling,
@@ -638,3 +639,12 @@ def test_evaluate_offline_with_continuous_actions_and_a_sampled_fqe_value() -> N
         standard_error = (estimate.ci_high - estimate.ci_low) / 3.92
         tolerance = 4 * standard_error if estimate.name in ("is", "pdis") else 0.03
         assert abs(estimate.value - exact) < tolerance, (estimate, exact)
+
+
+def test_selection_score_reads_the_named_number() -> None:
+    estimates = [Estimate("is", 1.0, 0.5, 1.5, 10.0, 0.2, 20), Estimate("wdr", 2.0, 1.8, 2.2, 9.0)]
+    assert selection_score(estimates, "wdr") == 2.0
+    assert selection_score(estimates, "wdr_ci_low") == 1.8
+    assert selection_score(estimates, "is_lb") == 0.2
+    with pytest.raises(ValueError, match="cannot select by 'wdr_lb'; choose from is, is_ci_low"):
+        selection_score(estimates, "wdr_lb")
