@@ -11,6 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from offpg_offline.data import store
 from offpg_offline.data.schema import DataError
@@ -285,3 +287,24 @@ def test_card_keeps_given_fields_and_strict_json(tmp_path, make_log) -> None:
         if key != "propensity":
             assert written[key] == value
     assert written["propensity"] == {"logged_logp": {"source": "logger"}, "estimated_logp": None}
+
+
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=st.lists(st.integers(1, 30), min_size=1, max_size=25),
+       per_chunk=st.integers(1, 6), rows_per_file=st.integers(4, 80),
+       row_group_size=st.integers(1, 40))
+def test_any_chunking_and_shard_size_round_trips(tmp_path_factory, make_log, lengths, per_chunk,
+                                                 rows_per_file, row_group_size) -> None:
+    table = make_log(lengths, seed=len(lengths))
+    out = tmp_path_factory.mktemp("prop") / "ds"
+    write_dataset(out, _chunks(table, per_chunk), card={}, rows_per_file=rows_per_file,
+                  row_group_size=row_group_size)
+    assert read_table(out).equals(table)
+    card = read_card(out)
+    starts = np.flatnonzero(np.r_[True, np.diff(table.column("episode_id").to_numpy()) != 0])
+    first_rows = np.cumsum([0] + [f["rows"] for f in card["files"]])[:-1]
+    assert np.isin(first_rows, starts).all()  # every shard starts an episode
+    for entry in card["files"][:-1]:  # a shard closes at the first episode end past the target
+        assert entry["rows"] >= rows_per_file
+    assert sum(f["episodes"] for f in card["files"]) == len(lengths)
