@@ -354,9 +354,10 @@ def _first_row(mask: np.ndarray) -> int:
 class _Converter:
     """Turns polars batches of one file into numpy arrays, with checks naming the file's rows."""
 
-    def __init__(self, plan: _Plan, dims: dict[str, int | None]) -> None:
+    def __init__(self, plan: _Plan, dims: dict[str, int | None],
+                 string_ids: dict[str, int]) -> None:
         self.plan, self.dims = plan, dims
-        self._string_ids: dict[str, int] = {}
+        self._string_ids = string_ids  # shared by all files: an episode may span two
 
     def _check_nulls(self, frame: pl.DataFrame, first_row: int) -> None:
         for name in self.plan.needed():
@@ -704,6 +705,10 @@ def ingest_parquet(
     for file in files:
         try:
             schema = _scan(file).collect_schema()
+            if file.suffix.lower() in CSV_SUFFIXES and _scan(file).head(1).collect().is_empty():
+                # A header-only CSV has String columns: say what is wrong, not "String".
+                raise sc.DataError(f"{file}: the input has no rows (empty input).",
+                                   source=str(file))
         except (pl.exceptions.PolarsError, OSError) as err:
             raise sc.DataError(f"{file}: could not be read ({_one_line(err)}).",
                                source=str(file)) from None
@@ -719,6 +724,7 @@ def ingest_parquet(
     assembler = _Assembler(by_id=by_id, done_means=done_means, files=names,
                            labels=lambda: current[0].labels())
     dims: dict[str, int | None] = {}
+    string_ids: dict[str, int] = {}
     source: dict[str, Any] = {
         "kind": "parquet-ingest",
         "files": [{"path": str(f.resolve()), "bytes": f.stat().st_size} for f in files],
@@ -750,7 +756,7 @@ def ingest_parquet(
     def tables() -> Iterator[SourcedTable]:
         for index, (file, plan) in enumerate(zip(files, plans, strict=True)):
             current[0] = plan
-            converter = _Converter(plan, dims)
+            converter = _Converter(plan, dims, string_ids)
             first_row = 0
             frames = _scan(file).select(plan.needed()).collect_batches(chunk_size=batch_rows)
             for frame in frames:

@@ -199,6 +199,12 @@ def test_string_episode_ids_are_numbered_by_first_appearance(tmp_path) -> None:
                             batch_rows=5)
     np.testing.assert_array_equal(_columns(result.path)["episode_id"],
                                   np.repeat(np.arange(5), LENGTHS))
+    # An episode continuing into the next file keeps its number.
+    frame.slice(0, 8).write_parquet(tmp_path / "a.parquet")
+    frame.slice(8).write_parquet(tmp_path / "b.parquet")
+    split = ingest_parquet([tmp_path / "a.parquet", tmp_path / "b.parquet"], tmp_path / "split",
+                           mapping=LIST_MAPPING, batch_rows=3)
+    assert read_table(split.path).equals(read_table(result.path))
 
 
 def test_given_action_space_and_env_spec(tmp_path) -> None:
