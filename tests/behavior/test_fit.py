@@ -290,3 +290,14 @@ def test_shipped_cartpole_noprop_estimate_is_within_a_tenth_of_a_nat() -> None:
     report = fit_behavior(datasets / "cartpole-eps-noprop")
     truth = load_steps(datasets / "cartpole-eps").logged_logp.double()
     assert float((report.estimated_logp.double() - truth).abs().mean()) <= 0.1
+
+
+def test_near_deterministic_logger_is_flagged(tmp_path: Path) -> None:
+    # ε = 0.002: the logger plays its controller's action with probability 0.999, so a fitted
+    # π̂_β passes 0.99 on most rows away from the decision boundary.
+    log = _write_log(tmp_path / "greedy", epsilon=0.002, episodes=8, seed=5)
+    config = FitConfig(folds=2, hidden=(32, 32), steps=500, lr=1e-2, eval_every=100)
+    report = fit_behavior(log, config=config)
+    assert report.metrics["behavior/near_deterministic_fraction"] > 0.5
+    assert any("near-deterministic" in warning for warning in report.warnings)
+    assert report.metrics["behavior/accuracy"] > 0.95
