@@ -478,14 +478,9 @@ class _Converter:
 def _concat(carry: dict[str, Any] | None, rows: dict[str, Any]) -> dict[str, Any]:
     if carry is None:
         return rows
-    out: dict[str, Any] = {}
-    for key, value in rows.items():
-        previous = carry[key]
-        if (value is None) != (previous is None):
-            raise sc.DataError(f"column for {key} is present in one file and absent in the "
-                               f"next file of the same episode.")
-        out[key] = None if value is None else np.concatenate([previous, value])
-    return out
+    # Every file provides the same fields (`_check_same_fields`), so None pairs with None.
+    return {key: None if value is None else np.concatenate([carry[key], value])
+            for key, value in rows.items()}
 
 
 def _take(rows: dict[str, Any], start: int, stop: int | None) -> dict[str, Any]:
@@ -583,6 +578,24 @@ class _Assembler:
 
 
 # --- the job ----------------------------------------------------------------------------------
+
+
+def _check_same_fields(first: _Plan, plan: _Plan) -> None:
+    """Every input file must provide the same canonical fields (files are one log)."""
+    fields = {"an episode id column": lambda p: p.episode_id is not None,
+              "a step column": lambda p: p.step is not None,
+              "next_obs": lambda p: p.next_obs is not None,
+              "a propensity column": lambda p: p.propensity is not None,
+              "discrete actions": lambda p: p.action_discrete}
+    for what, has in fields.items():
+        if has(first) != has(plan):
+            which = first.file if has(first) else plan.file
+            raise sc.DataError(f"{plan.file}: the input files differ: only {which} has {what}.",
+                               source=plan.file)
+    if first.propensity_kind != plan.propensity_kind and plan.propensity is not None:
+        raise sc.DataError(f"{plan.file}: the input files differ: its propensity column holds "
+                           f"{plan.propensity_kind}, that of {first.file} {first.propensity_kind}.",
+                           source=plan.file)
 
 
 @dataclass(frozen=True, slots=True)
@@ -715,10 +728,7 @@ def ingest_parquet(
         plans.append(_resolve(schema, mapping, str(file), action_space))
     by_id = plans[0].episode_id is not None
     for plan in plans[1:]:
-        if (plan.episode_id is not None) != by_id:
-            raise sc.DataError(f"{plan.file}: episode boundaries differ from {plans[0].file} "
-                               f"(one has an episode id column, the other not).",
-                               source=plan.file)
+        _check_same_fields(plans[0], plan)
     current: list[_Plan] = [plans[0]]
     done_means = mapping.done_means or "terminated"
     assembler = _Assembler(by_id=by_id, done_means=done_means, files=names,

@@ -446,3 +446,17 @@ def test_error_unreadable_file(tmp_path) -> None:
     with pytest.raises(DataError, match=r"log\.parquet: could not be read \(parquet: "):
         ingest_parquet([path], tmp_path / "ds")
     _assert_nothing_written(tmp_path, tmp_path / "ds")
+
+
+def test_error_input_files_with_different_fields(tmp_path) -> None:
+    frame = _list_frame(_foreign())
+    frame.slice(11).drop("p").write_parquet(tmp_path / "b.parquet")
+    mapping = ColumnMapping(columns=LIST_MAPPING.columns)  # logged_logp: in a.parquet only
+    frame.slice(0, 11).rename({"p": "logged_logp"}).with_columns(
+        pl.col("logged_logp").log()).write_parquet(tmp_path / "a.parquet")
+    with pytest.raises(DataError) as info:
+        ingest_parquet([tmp_path / "a.parquet", tmp_path / "b.parquet"], tmp_path / "ds",
+                       mapping=mapping)
+    assert str(info.value) == (f"{tmp_path / 'b.parquet'}: the input files differ: only "
+                               f"{tmp_path / 'a.parquet'} has a propensity column.")
+    _assert_nothing_written(tmp_path, tmp_path / "ds")
