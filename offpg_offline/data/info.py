@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,12 @@ def dataset_info(path: Path, *, verify: bool = False) -> dict[str, Any]:
     }
 
 
+def _short(value: Any, width: int = 100) -> str:
+    """One line of at most `width` characters (the JSON output has everything)."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
@@ -138,19 +145,20 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append(text)
     source = info["provenance"]["source"] or {}
     if source:
-        kind = source.get("kind") or source.get("type") or "source"
+        kind = source.get("kind") or source.get("type")
+        lines.append(f"source: {kind}" if kind else "source:")
         files = source.get("files")
-        detail = ""
         if files:
-            detail = f"{len(files)} file(s): " + ", ".join(str(f["path"]) for f in files[:3])
-            detail += ", ..." if len(files) > 3 else ""
-        other = {k: v for k, v in source.items() if k not in ("kind", "type", "files")}
-        lines.append(f"source: {kind}" + (f"; {detail}" if detail else ""))
-        for key, value in other.items():
-            lines.append(f"  {key}: {value}")
+            shown = ", ".join(str(f.get("path", f)) for f in files[:3])
+            lines.append(f"  files: {len(files)}: {shown}" + (", ..." if len(files) > 3 else ""))
+        lines += [f"  {key}: {_short(value)}" for key, value in source.items()
+                  if key not in ("kind", "type", "files")]
     behavior = info["provenance"]["behavior"]
-    if behavior:
-        lines.append(f"behavior policy: {behavior}")
+    if isinstance(behavior, dict):
+        lines.append("behavior policy:")
+        lines += [f"  {key}: {_short(value)}" for key, value in behavior.items()]
+    elif behavior:
+        lines.append(f"behavior policy: {_short(behavior)}")
     if info["verify"] is not None:
         if info["verify"]["ok"]:
             lines.append("verify: every shard matches its sha256 and row count in the card")

@@ -64,7 +64,7 @@ def test_format_info_prints_each_section(dataset) -> None:
     assert "episode length: min 2, mean 4.5, max 8" in lines
     assert any(line.startswith("logged_logp: present (logger); log range min ") for line in lines)
     assert "estimated_logp: absent" in lines
-    assert "source: test; 1 file(s): /logs/a.parquet" in lines
+    assert "source: test" in lines and "  files: 1: /logs/a.parquet" in lines
     assert "behavior policy: uniform over 3 actions" in lines
     assert lines[-1] == "verify: every shard matches its sha256 and row count in the card"
 
