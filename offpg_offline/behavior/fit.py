@@ -456,7 +456,7 @@ def reliability_diagram(table: Mapping[str, Any], path: Path, *, title: str) -> 
         np.asarray(table["bin_accuracy"])[shown],
         "o",
         color="C3",
-        label="mean confidence",
+        label="(mean confidence, accuracy) per bin",
     )
     axes.set(
         xlim=(0, 1),
