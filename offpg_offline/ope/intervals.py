@@ -1,0 +1,120 @@
+"""Percentile bootstrap over episodes and HCOPE's empirical Bernstein lower bound."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+F64 = torch.float64
+_COUNT_CELLS = 1 << 22  # bootstrap count matrices are built in chunks of at most B·E = 4M cells
+
+
+def bootstrap_counts(n_episodes: int, n_resamples: int, generator: torch.Generator) -> Tensor:
+    """Multiplicities of each episode in `n_resamples` resamples with replacement, [B, E] float64.
+
+    Drawn as a [B, E] index matrix and counted with one scatter-add.
+    """
+    index = torch.randint(n_episodes, (n_resamples, n_episodes), generator=generator)
+    counts = torch.zeros(n_resamples, n_episodes, dtype=F64)
+    return counts.scatter_add_(1, index, torch.ones_like(index, dtype=F64))
+
+
+def bootstrap_intervals(
+    statistics: Mapping[str, Callable[[Tensor], Tensor]],
+    n_episodes: int,
+    *,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals over episodes for several statistics at once.
+
+    Every statistic maps episode multiplicities [B, E] to [B] values; all of them see the same
+    seeded resamples (paired), drawn in chunks of at most 4M count cells.
+
+    Args:
+        statistics: name → statistic(counts) (e.g. `lambda c: episode_mean(x, c)`).
+        n_episodes: E.
+        n_boot: number of resamples B.
+        level: coverage of the two-sided interval, in (0, 1).
+        seed: seed of the resampling generator.
+
+    Returns:
+        name → (lower, upper) percentile bounds at (1 − level)/2 and (1 + level)/2.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    if n_boot < 2:
+        raise ValueError(f"n_boot must be at least 2, got {n_boot}")
+    generator = torch.Generator().manual_seed(seed)
+    chunk = max(1, _COUNT_CELLS // max(n_episodes, 1))
+    draws: dict[str, list[Tensor]] = {name: [] for name in statistics}
+    for start in range(0, n_boot, chunk):  # loop over resample chunks, not episodes
+        counts = bootstrap_counts(n_episodes, min(chunk, n_boot - start), generator)
+        for name, statistic in statistics.items():
+            draws[name].append(statistic(counts).double().cpu())
+    probs = torch.tensor([(1.0 - level) / 2.0, (1.0 + level) / 2.0], dtype=F64)
+    out = {}
+    for name, parts in draws.items():
+        low, high = torch.quantile(torch.cat(parts), probs).tolist()
+        out[name] = (low, high)
+    return out
+
+
+def empirical_bernstein_lower_bound(values: Tensor, *, clip: float, delta: float) -> float:
+    r"""1 − δ lower bound on E[X] for i.i.d. X ≥ 0, from the truncated Y = min(X, c) ∈ [0, c].
+
+        E[X] ≥ E[Y] ≥ Ȳ − sqrt(2 ln(2/δ) Var_n(Y) / n) − 7 c ln(2/δ) / (3 (n − 1)),
+
+    Var_n the unbiased sample variance: Maurer & Pontil (2009, Thm 4), as used by HCOPE
+    (Thomas et al. 2015, Thm 1). Valid for any c > 0 chosen independently of `values`.
+    """
+    n = values.shape[0]
+    if n < 2:
+        raise ValueError(f"the empirical Bernstein bound needs at least 2 values, got {n}")
+    if clip <= 0 or not 0.0 < delta < 1.0:
+        raise ValueError(f"need clip > 0 and delta in (0, 1), got clip={clip}, delta={delta}")
+    clipped = values.double().clamp(max=clip)
+    log_term = math.log(2.0 / delta)
+    spread = math.sqrt(2.0 * log_term * float(clipped.var()) / n)
+    return float(clipped.mean()) - spread - 7.0 * clip * log_term / (3.0 * (n - 1))
+
+
+def hcope_lower_bound(values: Tensor, *, delta: float = 0.05, seed: int = 0) -> float:
+    r"""High-confidence lower bound on E[X] for non-negative, importance-weighted terms X.
+
+    HCOPE (Thomas, Theocharous & Ghavamzadeh 2015): the inputs are unbiased terms such as
+    w_{0:T−1}·(G − g_min)/(g_max − g_min), normalised so that the returns lie in [0, 1] (then
+    E[X] ≤ 1 and X ≥ 0; X is unbounded above because the weights are). The truncation c is
+    chosen on a seeded 1/20 of the episodes, by maximising the bound predicted for the other
+    19/20 (their §5), and the bound is computed on those 19/20 only, so c does not depend on
+    them. With fewer than 40 values c = 1 (the largest possible mean) on all of them.
+
+    Args:
+        values: X_e ≥ 0, [E].
+        delta: 1 − confidence.
+        seed: seed of the split.
+
+    Returns:
+        A number that is ≤ E[X] with probability ≥ 1 − δ.
+    """
+    values = values.double().cpu()
+    if bool((values < 0).any()):
+        raise ValueError("hcope_lower_bound needs non-negative terms (normalise the returns)")
+    n = values.shape[0]
+    if n < 40:
+        return empirical_bernstein_lower_bound(values, clip=1.0, delta=delta)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_pre = n // 20
+    pre, post = values[order[:n_pre]], values[order[n_pre:]]
+    candidates = torch.cat([pre, torch.ones(1, dtype=F64)]).clamp_min(1e-12).unique()
+    clipped = torch.minimum(pre[:, None], candidates[None, :])  # [n_pre, K]
+    log_term = math.log(2.0 / delta)
+    n_post = post.shape[0]
+    predicted = (clipped.mean(0) - (2.0 * log_term * clipped.var(0) / n_post).sqrt()
+                 - 7.0 * candidates * log_term / (3.0 * (n_post - 1)))
+    clip = float(candidates[int(predicted.argmax())])
+    return empirical_bernstein_lower_bound(post, clip=clip, delta=delta)
