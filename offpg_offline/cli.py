@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -266,6 +266,7 @@ def train(
             result = train_job.train(dataset, run.train, tracker=tracker,
                                      out_dir=out_dir or Path("runs") / tracker.run_id,
                                      progress=True)
+            _record_run(tracker, dataset, card, run.train, result)  # plots, model (compare section)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
     summary = [f"run {tracker.run_id} ({_run_name(run.train)})"]
@@ -555,6 +556,296 @@ def evaluate(
 
 
 # --- compare / ui / sweep commands ---
+
+
+def _record_run(tracker: Any, dataset: Path, card: dict[str, Any], config: TrainConfig,
+                result: Any) -> None:
+    """Complete a training run's record: propensity source, plots, the policy as a model."""
+    import tempfile
+
+    import numpy as np
+
+    from offpg_offline import plots
+    from offpg_offline.data.store import iter_record_batches
+
+    column = "logged_logp" if config.propensity is Propensity.LOGGED else "estimated_logp"
+    source = (card.get("propensity") or {}).get(column) or {}
+    tracker.set_tags({"propensity.source": str(source.get("source", "unknown"))})
+    with tempfile.TemporaryDirectory() as tmp:
+        if plots.write_run_plots(Path(tmp), tracker.metric_histories(), result.final_log_weights):
+            tracker.log_artifacts(Path(tmp), "plots")
+    first = next(iter_record_batches(dataset, ["obs"], batch_size=5)).column("obs")
+    example = np.asarray(first.to_pylist(), dtype=np.float32)
+    tracker.log_policy_model(result.checkpoint, example, step=config.steps)
+
+
+def _grid_values(spec: str) -> tuple[str, list[Any]]:
+    """`key=v1,v2` → (key, typed values); `none` is None, `hidden` takes sizes like 64x64."""
+    from offpg_offline.config import coerce_field
+
+    key, sep, text = spec.partition("=")
+    key = key.strip().replace("-", "_")
+    fields = TrainConfig.__dataclass_fields__
+    if not sep or not text:
+        fail(f"--grid takes KEY=V1,V2,..., got {spec!r}")
+    if key in ("estimator", "seed"):
+        fail(f"use --{key if key == 'estimator' else 'seeds'} instead of --grid {key}=...")
+    if key not in fields:
+        fail(f"--grid {key}: not a [train] setting (one of {', '.join(sorted(fields))})")
+    kind = str(fields[key].type)
+    values: list[Any] = []
+    for raw in text.split(","):
+        raw = raw.strip()
+        try:
+            if raw.lower() == "none":
+                value: Any = None
+            elif key == "hidden":
+                value = tuple(int(h) for h in raw.split("x"))
+            elif kind.startswith("bool"):
+                if raw.lower() not in ("true", "false"):
+                    raise ValueError
+                value = raw.lower() == "true"
+            elif kind.startswith("int"):
+                value = int(raw)
+            elif kind.startswith("float"):
+                value = float(raw)
+            else:
+                value = coerce_field(key, raw)
+        except ValueError:
+            fail(f"--grid {key}: {raw!r} is not a valid {kind}")
+        values.append(value)
+    return key, values
+
+
+def _child_name(config: TrainConfig, varied: list[str]) -> str:
+    """The run name of `train`, plus the swept settings it does not already show."""
+    shown = {"estimator", "seed", "clip", "clip_mode", "ppo_epsilon", "kl_coef",
+             "self_normalize", "baseline", "init"}
+    params = as_params(config)
+    extra = [f"{key}{params[key]}" for key in varied if key not in shown]
+    base = _run_name(config)
+    return "-".join([base.rsplit("-s", 1)[0], *extra, f"s{config.seed}"]) if extra else base
+
+
+def _show_comparison(client: Any, experiment_id: str, experiment: str, runs: list[Any],
+                     metric: str, *, ope: str | None, lower_is_better: bool, as_json: bool,
+                     plot: Path | None, parent: str | None) -> None:
+    """Print the ranked table (or JSON); save the plot to `plot` and/or log it to `parent`."""
+    import json
+    import re
+    import tempfile
+
+    from offpg_offline import compare as ranking
+    from offpg_offline import plots, tracking
+
+    ope = ope or ranking.pick_ope(runs)
+    groups = ranking.summarize(runs, metric, ope=ope, lower_is_better=lower_is_better)
+    with tempfile.TemporaryDirectory() as tmp:
+        figure = Path(tmp) / f"compare_{re.sub(r'[^A-Za-z0-9_.-]+', '_', metric)}.png"
+        plots.comparison([g.label for g in groups], [list(g.metric_values) for g in groups],
+                         metric, figure)
+        saved = []
+        if parent is not None:
+            tracking.log_file(client, parent, figure, "compare")
+            saved.append(f"run {parent} (artifact compare/{figure.name})")
+        if plot is not None or parent is None:
+            target = plot or Path(f"compare-{re.sub(r'[^A-Za-z0-9_.-]+', '_', experiment)}.png")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(figure.read_bytes())
+            saved.append(str(target))
+    if as_json:
+        typer.echo(json.dumps({"experiment": experiment, "experiment_id": experiment_id,
+                               "metric": metric, "ope": ope, "plot": saved,
+                               "groups": [g.as_dict() for g in groups]}, indent=2))
+        return
+    typer.echo(f"experiment {experiment} ({len(runs)} runs in {len(groups)} configurations; "
+               f"mean ± sd over seeds; ranked by {metric}, "
+               f"{'lower' if lower_is_better else 'higher'} is better)")
+    typer.echo(ranking.format_table(groups, metric, ope))
+    typer.echo(f"plot: {'; '.join(saved)}")
+
+
+@app.command()
+def sweep(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder (offpg ingest output).")],
+    estimator: Annotated[str, typer.Option(
+        help="Comma-separated estimators to sweep.")] = "per-step,per-decision",
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0,1,2",
+    grid: Annotated[list[str] | None, typer.Option(
+        help="KEY=V1,V2 over a [train] setting; repeatable (Cartesian product). A single "
+             "value just sets it.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Gradient steps of each run.")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML run config all runs start from.")
+                      ] = None,
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment name.")] = None,
+    metric: Annotated[str, typer.Option(help="Metric ranking the summary.")
+                      ] = "online/return_mean",
+    out_dir: Annotated[Path | None, typer.Option(
+        help="Checkpoint folder (one sub-folder per run).")] = None,
+) -> None:
+    """Train every estimator × grid cell × seed as child runs of one parent MLflow run."""
+    import itertools
+
+    try:
+        estimators = [EstimatorName(e.strip()) for e in estimator.split(",") if e.strip()]
+    except ValueError as err:
+        fail(f"--estimator: {err}; choose from {', '.join(e.value for e in EstimatorName)}")
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        fail(f"--seeds must be comma-separated integers, got {seeds!r}")
+    if not estimators or not seed_list:
+        fail("--estimator and --seeds need at least one value each")
+    axes = [_grid_values(spec) for spec in grid or []]
+    varied = [key for key, values in axes if len(values) > 1]
+    try:
+        base = load_config(config) if config else RunConfig()
+        if steps is not None:
+            base = dataclasses.replace(base, train=dataclasses.replace(base.train, steps=steps))
+        if experiment:
+            base = dataclasses.replace(
+                base, tracking=dataclasses.replace(base.tracking, experiment=experiment))
+        configs = [
+            dataclasses.replace(base.train, estimator=est, seed=seed,
+                                **dict(zip([k for k, _ in axes], cell, strict=True)))
+            for est in estimators
+            for cell in itertools.product(*(values for _, values in axes))
+            for seed in seed_list
+        ]
+    except (ValueError, TypeError) as err:
+        fail(str(err))
+    if not (dataset / "dataset.json").is_file():
+        fail(f"{dataset} is not a dataset folder (no dataset.json); create one with `offpg ingest`")
+
+    from offpg_offline import tracking
+    from offpg_offline import train as train_job
+    from offpg_offline.data.store import read_card
+
+    card = read_card(dataset)
+    name = str(card.get("name", dataset.name))
+    child_tracking = dataclasses.replace(base.tracking, run_name=None)
+    title = "sweep-" + "+".join(e.value for e in estimators) + "".join(f"-{k}" for k in varied)
+    try:
+        with tracking.MlflowTracker.start(base.tracking, experiment=name, run_name=title,
+                                          tags={"offpg.sweep": "true", "dataset": name}) as parent:
+            parent.log_params({"sweep.estimators": ",".join(e.value for e in estimators),
+                               "sweep.seeds": ",".join(map(str, seed_list)),
+                               "sweep.grid": " ".join(grid or []) or "none",
+                               "sweep.runs": len(configs), "sweep.steps": base.train.steps})
+            parent.log_text(_to_toml(base), "config.toml")
+            parent.log_dataset(dataset, card)
+            for i, train_config in enumerate(configs, 1):
+                run_name = _child_name(train_config, varied)
+                typer.echo(f"[{i}/{len(configs)}] {run_name}")
+                with tracking.MlflowTracker.start(
+                    child_tracking, experiment=name, run_name=run_name,
+                    tags={"mlflow.parentRunId": parent.run_id},
+                ) as child:
+                    child.log_dataset(dataset, card)
+                    child.log_text(_to_toml(RunConfig(train_config, child_tracking)),
+                                   "config.toml")
+                    result = train_job.train(dataset, train_config, tracker=child,
+                                             out_dir=(out_dir or Path("runs")) / child.run_id)
+                    _record_run(child, dataset, card, train_config, result)
+            runs = tracking.find_runs(parent.client, parent.experiment_id,
+                                      parent_run_id=parent.run_id)
+            typer.echo(f"sweep {parent.run_id}: {len(runs)} child runs")
+            _show_comparison(parent.client, parent.experiment_id, name, runs, metric, ope=None,
+                             lower_is_better=False, as_json=False, plot=None,
+                             parent=parent.run_id)
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err))
+
+
+@app.command("compare")
+def compare_command(
+    experiment: Annotated[str | None, typer.Argument(
+        help="Experiment name (default: the one with the latest run).")] = None,
+    metric: Annotated[str, typer.Option(help="Metric to rank by (its final value).")
+                      ] = "online/return_mean",
+    sweep_run: Annotated[str | None, typer.Option(
+        "--sweep", help="Only the child runs of this sweep (its parent run id).")] = None,
+    ope: Annotated[str | None, typer.Option(
+        help="OPE metric to show (default: one logged with an interval, e.g. ope/wdr).")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Also save the comparison plot here (PNG).")
+                    ] = None,
+    lower_is_better: Annotated[bool, typer.Option(help="Rank ascending (losses).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Rank the finished training runs of an experiment: mean ± sd over seeds per config.
+
+    The comparison plot is logged to the sweep's parent run when the runs come from one sweep,
+    and saved as a PNG file otherwise (or when --plot is given).
+    """
+    from offpg_offline import tracking
+
+    try:
+        client = tracking.open_client(TrackingConfig())
+        experiment_id, name = tracking.find_experiment(client, experiment)
+        runs = tracking.find_runs(client, experiment_id, parent_run_id=sweep_run)
+    except ValueError as err:
+        fail(str(err))
+    if not runs:
+        where = f"sweep {sweep_run}" if sweep_run else f"experiment {name}"
+        fail(f"no finished training runs in {where}")
+    parents = {run.tags.get("mlflow.parentRunId") for run in runs}
+    parent = sweep_run or (parents.pop() if len(parents) == 1 else None)
+    _show_comparison(client, experiment_id, name, runs, metric, ope=ope,
+                     lower_is_better=lower_is_better, as_json=as_json, plot=plot, parent=parent)
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port of the UI.")] = 5000,
+    host: Annotated[str, typer.Option(help="Interface to listen on (local only by default).")
+                    ] = "127.0.0.1",
+    experiment: Annotated[str | None, typer.Option(
+        help="Experiment whose runs page to print (default: the one with the latest run).")
+    ] = None,
+) -> None:
+    """Serve the MLflow UI for the project's store ($MLFLOW_TRACKING_URI or ./mlflow.db)."""
+    import signal
+    import socket
+    import sys
+    import tempfile
+
+    from offpg_offline import tracking
+
+    uri = tracking.resolve_uri(TrackingConfig())
+    try:
+        client = tracking.open_client(TrackingConfig(uri=uri))
+        experiment_id = tracking.find_experiment(client, experiment)[0]
+    except ValueError as err:
+        if experiment is not None or uri.startswith(("http://", "https://")):
+            fail(str(err))
+        experiment_id = "0"  # an empty store: the Default experiment
+    if uri.startswith(("http://", "https://")):
+        typer.echo(f"{uri} is a tracking server with its own UI: "
+                   f"{tracking.experiment_url(uri, experiment_id)}")
+        return
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            fail(f"cannot listen on {host}:{port} ({err.strerror}); pass another --port")
+    base = f"http://{host}:{port}"
+    typer.echo(f"starting mlflow server for {uri} ...")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server too
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "server.log"
+        process = tracking.serve(uri, host=host, port=port, log=log)
+        try:
+            tracking.wait_until_ready(process, base)
+            typer.echo(f"MLflow UI: {tracking.experiment_url(base, experiment_id)}  "
+                       f"(server pid {process.pid}; Ctrl-C to stop)")
+            process.wait()
+        except KeyboardInterrupt:
+            pass
+        except (RuntimeError, TimeoutError) as err:
+            tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+            fail(f"{err}; its last output: {' | '.join(tail) or 'none'}")
+        finally:
+            tracking.stop_server(process)
 
 
 def main() -> None:
