@@ -156,4 +156,3 @@ def torchrun_command(nproc: int, args: list[str]) -> list[str]:
         "offpg_offline.train",
         *args,
     ]
-

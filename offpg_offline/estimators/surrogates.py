@@ -324,7 +324,7 @@ def per_decision_surrogate(
         log_w = log_w - position_log_normaliser(log_w, x.episode_start)
     weight = cap_log_weight(log_w).exp()
     previous = torch.where(x.episode_start, 1.0, torch.roll(weight, 1))
-    base, scale = x.baseline, torch.ones((), dtype=torch.float64)
+    base, scale = x.baseline, torch.ones((), dtype=torch.float64, device=x.reward.device)
     if standardize_returns:
         mean, scale = _standardize(_returns(x, gamma) - x.baseline)
         base = base + mean

@@ -25,9 +25,14 @@ from offpg_offline.data.stream import (
     shuffled_batches,
 )
 
-CARD = {"name": "stream", "description": "random episodes", "env_spec": None,
-        "source": {"kind": "test"}, "behavior": "random",
-        "action_space": {"type": "Discrete", "dtype": "int64", "start": 0, "n": 3}}
+CARD = {
+    "name": "stream",
+    "description": "random episodes",
+    "env_spec": None,
+    "source": {"kind": "test"},
+    "behavior": "random",
+    "action_space": {"type": "Discrete", "dtype": "int64", "start": 0, "n": 3},
+}
 LENGTHS = [5, 1, 9, 3, 12, 2, 7, 7, 1, 4, 11, 6, 3, 8, 2, 10, 5, 1, 6, 4]  # 105 rows
 
 
@@ -40,8 +45,15 @@ def dataset(tmp_path: Path, make_log) -> Path:  # type: ignore[no-untyped-def]
 
 def _view_of(batch: StepBatch) -> LogView:
     assert batch.logged_logp is not None
-    return LogView(batch.obs, batch.action, batch.logged_logp, batch.reward, batch.step,
-                   batch.episode_start, None)
+    return LogView(
+        batch.obs,
+        batch.action,
+        batch.logged_logp,
+        batch.reward,
+        batch.step,
+        batch.episode_start,
+        None,
+    )
 
 
 def _assert_views_equal(actual: LogView, expected: LogView) -> None:
@@ -67,8 +79,11 @@ def test_chunks_keep_only_the_chosen_episodes_in_the_chosen_shard_order(dataset:
     got = concat(list(source.chunks(keep, order)))
     # Expected: the kept episodes grouped by shard, shards in reverse order.
     by_shard = [
-        [o for o in keep.nonzero().flatten().tolist()
-         if s.first_episode <= o < s.first_episode + len(s.lengths)]
+        [
+            o
+            for o in keep.nonzero().flatten().tolist()
+            if s.first_episode <= o < s.first_episode + len(s.lengths)
+        ]
         for s in source.shards
     ]
     ordinals = torch.tensor([o for group in reversed(by_shard) for o in group])
@@ -123,9 +138,20 @@ def test_ranks_read_disjoint_episodes_that_cover_the_log(dataset: Path, world_si
 def test_row_bytes_count_the_step_batch_tensors(dataset: Path) -> None:
     card = json.loads((dataset / "dataset.json").read_text())
     batch = load_steps(dataset)
-    held = sum(t.nbytes for t in (batch.episode_id, batch.step, batch.obs, batch.action,
-                                  batch.reward, batch.next_obs, batch.terminated,
-                                  batch.truncated, batch.episode_start))
+    held = sum(
+        t.nbytes
+        for t in (
+            batch.episode_id,
+            batch.step,
+            batch.obs,
+            batch.action,
+            batch.reward,
+            batch.next_obs,
+            batch.terminated,
+            batch.truncated,
+            batch.episode_start,
+        )
+    )
     assert batch.logged_logp is not None and batch.estimated_logp is None
     held += 2 * batch.logged_logp.nbytes  # a filled estimated_logp column takes as much
     assert row_bytes(card) * batch.n_steps == held
@@ -149,8 +175,9 @@ def _passes(source: EpisodeSource, generator: torch.Generator):  # type: ignore[
 def test_shuffle_buffer_yields_every_episode_once_per_pass(dataset: Path) -> None:
     source = EpisodeSource(dataset, logp_column="logged_logp", batch_rows=4)
     generator = torch.Generator().manual_seed(0)
-    batches = shuffled_batches(_passes(source, generator), as_steps=False, size=5, capacity=8,
-                               generator=generator)
+    batches = shuffled_batches(
+        _passes(source, generator), as_steps=False, size=5, capacity=8, generator=generator
+    )
     full = load_steps(dataset)
     expected = sorted(_episode_keys(_view_of(full)))
     first_pass = [next(batches) for _ in range(4)]  # 20 episodes / 5
@@ -173,11 +200,11 @@ def test_step_batches_use_each_step_once_per_pass_up_to_the_carried_remainder(
 ) -> None:
     source = EpisodeSource(dataset, logp_column="logged_logp", batch_rows=4)
     generator = torch.Generator().manual_seed(1)
-    batches = shuffled_batches(_passes(source, generator), as_steps=True, size=10, capacity=30,
-                               generator=generator)
+    batches = shuffled_batches(
+        _passes(source, generator), as_steps=True, size=10, capacity=30, generator=generator
+    )
     first = [next(batches) for _ in range(10)]  # 105 rows: 10 batches, 5 rows carried over
-    assert all(b.n_rows == 10 and bool(b.episode_start.all()) and not b.step.any()
-               for b in first)
+    assert all(b.n_rows == 10 and bool(b.episode_start.all()) and not b.step.any() for b in first)
     rewards = torch.cat([b.reward for b in first])
     assert len(set(rewards.tolist())) == 100  # no row twice
     assert set(rewards.tolist()) <= set(load_steps(dataset).reward.tolist())
@@ -188,24 +215,33 @@ def test_small_pass_shrinks_the_batch_like_the_in_memory_batcher(dataset: Path) 
     keep = torch.zeros(len(LENGTHS), dtype=torch.bool)
     keep[:3] = True
     generator = torch.Generator().manual_seed(0)
-    batches = shuffled_batches(lambda epoch: source.chunks(keep), as_steps=False, size=32,
-                               capacity=64, generator=generator)
+    batches = shuffled_batches(
+        lambda epoch: source.chunks(keep), as_steps=False, size=32, capacity=64, generator=generator
+    )
     assert next(batches).n_episodes == 3 and next(batches).n_episodes == 3
-    empty = shuffled_batches(lambda epoch: iter(()), as_steps=False, size=4, capacity=8,
-                             generator=generator)
+    empty = shuffled_batches(
+        lambda epoch: iter(()), as_steps=False, size=4, capacity=8, generator=generator
+    )
     with pytest.raises(ValueError, match="no episodes to train on"):
         next(empty)
 
 
 def test_buffer_memory_is_bounded_by_its_capacity(
-    tmp_path: Path, make_log, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    make_log,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
 ) -> None:
     # 400 episodes of 1-12 steps; a buffer of 16 episodes never gathers more than
     # capacity + one chunk (batch_rows) rows, whatever the log's size.
     rng = np.random.default_rng(3)
     lengths = rng.integers(1, 13, 400).tolist()
-    path = write_dataset(tmp_path / "big", [make_log(lengths, seed=3)], card=CARD,
-                         rows_per_file=500, row_group_size=64)
+    path = write_dataset(
+        tmp_path / "big",
+        [make_log(lengths, seed=3)],
+        card=CARD,
+        rows_per_file=500,
+        row_group_size=64,
+    )
     source = EpisodeSource(path, logp_column="logged_logp", batch_rows=64)
     generator = torch.Generator().manual_seed(0)
     largest = 0
