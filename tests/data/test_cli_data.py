@@ -92,3 +92,18 @@ def test_info_errors(tmp_path) -> None:
     result = CliRunner().invoke(app, ["info", str(tmp_path / "nope")])
     assert result.exit_code == 2
     assert result.output == f"error: {tmp_path / 'nope'}: no such dataset folder.\n"
+
+
+def test_ingest_with_a_mapping_file_overridden_on_the_command_line(tmp_path) -> None:
+    _write_log(tmp_path / "log.parquet")
+    mapping = tmp_path / "map.toml"
+    mapping.write_text('episode_id = "sess"\naction = "act"\nreward = "nope"\n'
+                       'obs_cols = ["x*"]\npropensity_col = "p"\npropensity_kind = "prob"\n')
+    out = tmp_path / "ds"
+    result = CliRunner().invoke(app, ["ingest", "parquet", str(tmp_path / "log.parquet"),
+                                      "--out", str(out), "--mapping", str(mapping),
+                                      "--map", "reward=r"])
+    assert result.exit_code == 0, result.output
+    card = read_card(out)
+    assert card["source"]["columns"]["reward"] == "r"
+    assert card["propensity"]["logged_logp"]["source"].startswith("input column 'p'")

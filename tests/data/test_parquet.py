@@ -460,3 +460,21 @@ def test_error_input_files_with_different_fields(tmp_path) -> None:
     assert str(info.value) == (f"{tmp_path / 'b.parquet'}: the input files differ: only "
                                f"{tmp_path / 'a.parquet'} has a propensity column.")
     _assert_nothing_written(tmp_path, tmp_path / "ds")
+
+
+def test_next_obs_from_scalar_columns(tmp_path) -> None:
+    log = _foreign(seed=8)
+    frame = pl.DataFrame({
+        "ep": log["episode"], **{f"x_{i}": log["obs"][:, i] for i in range(3)},
+        **{f"nx_{i}": log["next_obs"][:, i] for i in range(3)},
+        "act": log["action"], "r": log["reward"], "term": log["last"]})
+    frame.write_csv(tmp_path / "log.csv")
+    mapping = ColumnMapping(columns={"episode_id": "ep", "action": "act", "reward": "r",
+                                     "terminated": "term"},
+                            obs_cols=("x_*",), next_obs_cols=("nx_*",))
+    result = ingest_parquet([tmp_path / "log.csv"], tmp_path / "ds", mapping=mapping)
+    got = _columns(result.path)
+    np.testing.assert_array_equal(got["obs"], log["obs"].astype(np.float32))
+    np.testing.assert_array_equal(got["next_obs"], log["next_obs"].astype(np.float32))
+    assert result.card["source"]["columns"]["next_obs"] == "nx_0, nx_1, nx_2"
+    assert "next_obs" not in result.card["source"] and result.warnings == []
