@@ -812,13 +812,17 @@ def ui(
     from offpg_offline import tracking
 
     uri = tracking.resolve_uri(TrackingConfig())
-    try:
-        client = tracking.open_client(TrackingConfig(uri=uri))
-        experiment_id = tracking.find_experiment(client, experiment)[0]
-    except ValueError as err:
-        if experiment is not None or uri.startswith(("http://", "https://")):
-            fail(str(err))
-        experiment_id = "0"  # an empty store: the Default experiment
+    new_store = uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
+    experiment_id = "0"  # an empty store: the Default experiment
+    if not new_store:  # (the server creates a new store itself)
+        try:
+            client = tracking.open_client(TrackingConfig(uri=uri))
+            experiment_id = tracking.find_experiment(client, experiment)[0]
+        except ValueError as err:
+            if experiment is not None or uri.startswith(("http://", "https://")):
+                fail(str(err))
+    elif experiment is not None:
+        fail(f"no MLflow experiment named {experiment!r}: {uri} does not exist yet")
     if uri.startswith(("http://", "https://")):
         typer.echo(f"{uri} is a tracking server with its own UI: "
                    f"{tracking.experiment_url(uri, experiment_id)}")

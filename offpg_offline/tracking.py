@@ -476,7 +476,7 @@ def server_command(uri: str, *, host: str, port: int) -> list[str]:
         "--host", host, "--port", str(port), "--workers", "1",
     ]
     if uri.startswith("sqlite:///"):
-        database = Path(uri.removeprefix("sqlite://"))
+        database = Path(uri.removeprefix("sqlite:///"))
         command += ["--artifacts-destination", str(database.parent / "mlartifacts")]
     return command
 

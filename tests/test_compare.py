@@ -98,17 +98,18 @@ def test_pick_ope_prefers_an_estimate_with_an_interval() -> None:
     assert pick_ope([run({"train/loss": 1.0})]) is None
 
 
-def test_compare_command_ranks_known_runs_and_logs_the_plot_to_the_sweep(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from mlflow import MlflowClient
-
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """One sqlite store for the CLI tests (creating one costs seconds of migrations)."""
+    path = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{path}/mlflow.db"
     parent_id, ids = _log_known_runs(uri)
-    env = {"MLFLOW_TRACKING_URI": uri}
+    return {"uri": uri, "path": path, "parent": parent_id, "ids": ids}
 
-    result = CliRunner().invoke(app, ["compare", "known", "--json"], env=env)
+
+def test_compare_json_ranks_known_runs(store: dict[str, object]) -> None:
+    result = CliRunner().invoke(app, ["compare", "known", "--json"],
+                                env={"MLFLOW_TRACKING_URI": store["uri"]})
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["metric"] == "online/return_mean" and report["ope"] == "ope/wdr"
@@ -119,36 +120,39 @@ def test_compare_command_ranks_known_runs_and_logs_the_plot_to_the_sweep(
         ("per-decision", {"clip": "2.0"}, 100.0, pytest.approx(70.7107, abs=1e-4), ["0", "1"]),
         ("per-decision", {"clip": "none"}, 90.0, None, ["0"]),
     ]
+    ids = store["ids"]
     assert report["groups"][0]["run_ids"] == [ids[("per-step", "2.0", s)] for s in "012"]
     assert report["groups"][2]["ope"]["mean"] == 80.0
     assert report["groups"][2]["ope_interval"] == [70.0, 95.0]
     assert report["groups"][0]["ess"]["mean"] == pytest.approx(0.8)
 
-    table = CliRunner().invoke(app, ["compare", "--plot", "out/cmp.png"], env=env)
-    assert table.exit_code == 0, table.output
-    lines = table.output.splitlines()
-    ranked = [line for line in lines if line[:1].isdigit()]
-    assert [line.split()[:3] for line in ranked] == [
-        ["1", "per-step", "clip=2.0"], ["2", "per-decision", "clip=2.0"],
-        ["3", "per-decision", "clip=none"],
+
+def test_compare_table_and_plot_logged_to_the_sweep(store: dict[str, object]) -> None:
+    from mlflow import MlflowClient
+
+    plot = Path(str(store["path"])) / "out" / "cmp.png"
+    result = CliRunner().invoke(app, ["compare", "--plot", str(plot)],  # latest experiment
+                                env={"MLFLOW_TRACKING_URI": store["uri"]})
+    assert result.exit_code == 0, result.output
+    ranked = [line for line in result.output.splitlines() if line[:1].isdigit()]
+    assert [line.split()[:4] for line in ranked] == [
+        ["1", "per-step", "clip=2.0", "3"], ["2", "per-decision", "clip=2.0", "2"],
+        ["3", "per-decision", "clip=none", "1"],
     ]
     assert "110 ± 10" in ranked[0] and "100 ± 70.7" in ranked[1]
     assert "80 [70, 95]" in ranked[2]  # a single run shows its logged interval
-    assert (tmp_path / "out" / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # All compared runs share the sweep parent, so the plot is logged there too.
-    client = MlflowClient(tracking_uri=uri)
-    logged = [f.path for f in client.list_artifacts(parent_id, "compare")]
+    client = MlflowClient(tracking_uri=str(store["uri"]))
+    logged = [f.path for f in client.list_artifacts(str(store["parent"]), "compare")]
     assert logged == ["compare/compare_online_return_mean.png"]
 
 
-def test_compare_without_runs_is_one_sentence(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    result = CliRunner().invoke(app, ["compare"], env=env)
-    assert result.exit_code == 2
-    assert "no runs in" in result.output
+def test_compare_errors_are_one_sentence(store: dict[str, object]) -> None:
+    env = {"MLFLOW_TRACKING_URI": str(store["uri"])}
     result = CliRunner().invoke(app, ["compare", "nope"], env=env)
     assert result.exit_code == 2
     assert "no MLflow experiment named 'nope'" in result.output
+    result = CliRunner().invoke(app, ["compare", "known", "--sweep", "0" * 32], env=env)
+    assert result.exit_code == 2
+    assert f"no finished training runs in sweep {'0' * 32}" in result.output
