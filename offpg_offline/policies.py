@@ -202,6 +202,9 @@ def diag_normal_log_prob(value: Tensor, mean: Tensor, log_std: Tensor) -> Tensor
 class CategoricalPolicy(nn.Module):
     """π_θ(a|s) = softmax(f_θ((s − μ_s)/σ_s))_a over `n_actions` discrete actions."""
 
+    obs_mean: Tensor
+    obs_std: Tensor
+
     def __init__(
         self,
         obs_dim: int,
@@ -276,6 +279,11 @@ class GaussianPolicy(nn.Module):
     `std="state"` outputs log σ(s) from the network, mapped smoothly into
     [LOG_STD_MIN, LOG_STD_MAX].
     """
+
+    obs_mean: Tensor
+    obs_std: Tensor
+    action_low: Tensor
+    action_high: Tensor
 
     def __init__(
         self,
@@ -528,10 +536,11 @@ class MLEResult:
 @torch.no_grad()
 def mean_nll(policy: nn.Module, obs: Tensor, action: Tensor, *, chunk: int = 65_536) -> float:
     """−(1/N) Σ log π(a|s) over all rows, in chunks, accumulated in float64."""
+    model: Any = policy  # any module with log_prob
     total = 0.0
     for first in range(0, obs.shape[0], chunk):
         rows = slice(first, first + chunk)
-        total -= float(policy.log_prob(obs[rows], action[rows]).double().sum())
+        total -= float(model.log_prob(obs[rows], action[rows]).double().sum())
     return total / max(obs.shape[0], 1)
 
 
@@ -579,6 +588,7 @@ def fit_mle(
             f"obs and action need the same non-zero number of rows, got "
             f"{obs.shape[0]} and {action.shape[0]}"
         )
+    model: Any = policy  # any module with log_prob
     validate = val_obs is not None and val_action is not None and val_obs.shape[0] > 0
     # The fused CPU kernel: one op per step instead of a dozen (~25% faster for small MLPs).
     fused = all(p.device.type == "cpu" for p in policy.parameters())
@@ -594,7 +604,7 @@ def fit_mle(
     policy.train()
     for step in range(1, steps + 1):
         index = torch.randint(n_rows, (batch,), generator=generator)
-        loss = -policy.log_prob(obs[index], action[index]).mean()
+        loss = -model.log_prob(obs[index], action[index]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

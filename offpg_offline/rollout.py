@@ -137,6 +137,7 @@ def evaluate_online(
     else:
         env = env_id
     returns, lengths = [], []
+    actor: Any = policy  # any module with mode/sample (nn.Module's typing hides them)
     was_training = policy.training
     policy.eval()
     try:
@@ -148,9 +149,9 @@ def evaluate_online(
                 while not done:
                     state = torch.from_numpy(_flat(env.observation_space, obs)).unsqueeze(0)
                     if deterministic:
-                        action = policy.mode(state)
+                        action = actor.mode(state)
                     else:
-                        action = policy.sample(state, generator)
+                        action = actor.sample(state, generator)
                     obs, reward, terminated, truncated, _ = env.step(
                         _to_env_action(env.action_space, action[0])
                     )

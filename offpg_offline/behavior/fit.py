@@ -51,7 +51,7 @@ from offpg_offline.data.batch import StepBatch, batch_from_table
 from offpg_offline.data.schema import DataError, steps_table
 from offpg_offline.data.spaces import space_from_json
 from offpg_offline.data.store import dataset_digest, read_card, read_table, write_dataset
-from offpg_offline.policies import checkpoint, fit_mle, mean_nll
+from offpg_offline.policies import CategoricalPolicy, checkpoint, fit_mle, mean_nll
 
 NEAR_DETERMINISTIC_PROB = 0.99  # π̂_β(a|s) above this counts as near-deterministic
 NEAR_DETERMINISTIC_WARN = 0.25  # warn when at least this fraction of rows is near-deterministic
@@ -299,7 +299,7 @@ def _score(model: BehaviorModel, obs: Tensor, action: Tensor) -> tuple[Tensor, T
     for first in range(0, obs.shape[0], _CHUNK_ROWS):
         rows = slice(first, first + _CHUNK_ROWS)
         logps.append(model.log_prob(obs[rows], action[rows]))
-        if hasattr(model, "logits"):
+        if isinstance(model, CategoricalPolicy):
             probs.append(model.logits(obs[rows]).exp())
     return torch.cat(logps), (torch.cat(probs) if probs else None)
 

@@ -60,6 +60,11 @@ class GaussianMixturePolicy(nn.Module):
     p(a|s) = Σ_k w_k N(a; μ_k, σ_k²)/Z_k.
     """
 
+    obs_mean: Tensor
+    obs_std: Tensor
+    action_low: Tensor
+    action_high: Tensor
+
     def __init__(
         self,
         obs_dim: int,
@@ -102,7 +107,9 @@ class GaussianMixturePolicy(nn.Module):
                 offsets = (centre + 0.5 * half * offsets[:, None]).reshape(-1)
             else:
                 offsets = offsets.repeat_interleave(d)
-            self.net[-1].bias[k : k + k * d] = offsets
+            last = self.net[-1]
+            assert isinstance(last, nn.Linear)
+            last.bias[k : k + k * d] = offsets
 
     def distribution_params(self, obs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(log w [M, K], μ [M, K, d], log σ [M, K, d]) of the pre-squash mixture."""
