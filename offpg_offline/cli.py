@@ -284,6 +284,8 @@ def _resume(dataset: Path, run_id: str, out_dir: Path | None, given: list[str]) 
     """`offpg train DATASET --resume RUN_ID`: same run, same config, from the last checkpoint."""
     if given:
         fail(f"--resume takes the run's own configuration; drop --{given[0].replace('_', '-')}")
+    if not run_id.replace("-", "").replace("_", "").isalnum() or not run_id.isascii():
+        fail(f"--resume {run_id!r} is not a run id (letters, digits, '-' and '_' only)")
     from offpg_offline import tracking
     from offpg_offline import train as train_job
 

@@ -234,12 +234,38 @@ def coerce_field(name: str, value: Any) -> Any:
     return value
 
 
+_PLAIN_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float),
+                                             "bool": (bool,), "str": (str,)}
+
+
+def _check_type(name: str, annotation: str, value: Any) -> None:
+    """A TOML value of a plain field (int, float, bool, str, or None when optional) has its type.
+
+    Enum and tuple fields are checked by `coerce_field` and the dataclass itself.
+    """
+    parts = [part.strip() for part in annotation.split("|")]
+    if not all(part in _PLAIN_TYPES or part == "None" for part in parts):
+        return
+    if value is None and "None" in parts:
+        return
+    for part in parts:
+        numeric_bool = isinstance(value, bool) and part in ("int", "float")
+        if part in _PLAIN_TYPES and isinstance(value, _PLAIN_TYPES[part]) and not numeric_bool:
+            return
+    wanted = " or ".join("a number" if p == "float" else "an integer" if p == "int" else
+                         "true/false" if p == "bool" else "a string" for p in parts if p != "None")
+    raise ValueError(f"{name} must be {wanted}, got {value!r}")
+
+
 def build(cls: type[C], table: str, raw: Mapping[str, Any]) -> C:
     """Build a config dataclass from a mapping; unknown keys are an error naming the table."""
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"unknown key(s) in [{table}]: {', '.join(unknown)}")
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key, value in raw.items():
+        _check_type(key, types[key], value)
     values = {key: coerce_field(key, value) for key, value in raw.items()}
     try:
         return cls(**values)
@@ -249,7 +275,12 @@ def build(cls: type[C], table: str, raw: Mapping[str, Any]) -> C:
 
 def load_config(path: Path) -> RunConfig:
     """Read a TOML file with optional [train] and [tracking] tables; unknown keys are errors."""
-    return parse_config(path.read_text(), source=str(path))
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+        raise ValueError(f"{path}: cannot read the config file ({reason})") from None
+    return parse_config(text, source=str(path))
 
 
 def parse_config(text: str, *, source: str) -> RunConfig:

@@ -446,8 +446,15 @@ def ingest_minari(
         ValueError: unsupported spaces, a propensity that cannot be used, or invalid data
             (`schema.DataError`, nothing written).
     """
+    if propensity_kind not in (None, "prob", "logp"):  # options first, before any reading
+        raise ValueError(f"--propensity-kind must be 'prob' or 'logp', got {propensity_kind!r}.")
     data_path = _find_data_path(id_or_path, download=download)
-    dataset = minari.MinariDataset(data_path)
+    try:
+        dataset = minari.MinariDataset(data_path)
+    except Exception as err:  # minari raises JSONDecodeError, AssertionError, KeyError, ...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else "incomplete metadata"
+        raise ValueError(f"{data_path / 'metadata.json'}: Minari cannot open this dataset "
+                         f"({type(err).__name__}: {reason}).") from None
     metadata = dataset.storage.metadata
     dataset_id = str(metadata.get("dataset_id", id_or_path))
     source_name = f"Minari dataset {dataset_id} ({data_path})"

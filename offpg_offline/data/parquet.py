@@ -351,6 +351,12 @@ def _first_row(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
+def _not_integral(values: np.ndarray) -> np.ndarray:
+    """Floats that are no int64: fractional, NaN, ±inf or beyond ±2^63 (a cast would wrap)."""
+    with np.errstate(invalid="ignore"):
+        return ~np.isfinite(values) | (values != np.round(values)) | (np.abs(values) >= 2.0**63)
+
+
 class _Converter:
     """Turns polars batches of one file into numpy arrays, with checks naming the file's rows."""
 
@@ -403,7 +409,7 @@ class _Converter:
             return series.to_numpy().astype(np.int64, copy=False)
         if series.dtype.is_float():
             values = series.to_numpy()
-            bad = values != np.round(values)
+            bad = _not_integral(values)
             if bad.any():
                 row = _first_row(bad)
                 raise sc.DataError.at(self.plan.file, series.name, first_row + row,
@@ -418,6 +424,23 @@ class _Converter:
             numbers[i] = self._string_ids.setdefault(key, len(self._string_ids))
         lengths = np.diff(np.r_[starts, len(values)])
         return np.repeat(numbers, lengths)
+
+    def _steps(self, series: pl.Series, first_row: int) -> np.ndarray:
+        """Steps as int64, refusing what the int32 `step` column would wrap or truncate."""
+        values = series.cast(pl.Float64).to_numpy() if not series.dtype.is_integer() else None
+        problem = "is not an integer"
+        if values is not None and (bad := _not_integral(values)).any():
+            row = _first_row(bad)
+        else:
+            steps = series.to_numpy().astype(np.int64) if values is None else values.astype(
+                np.int64)
+            bad = (steps < 0) | (steps > np.iinfo(np.int32).max)
+            if not bad.any():
+                return steps
+            row, problem = _first_row(bad), "is out of range (0 to 2^31 - 1)"
+        shown = series[row]
+        raise sc.DataError.at(self.plan.file, series.name, first_row + row,
+                              f"step {shown} {problem}")
 
     def _propensity(self, frame: pl.DataFrame, first_row: int) -> np.ndarray | None:
         name = self.plan.propensity
@@ -441,7 +464,7 @@ class _Converter:
         if series.dtype.is_integer():
             return series.to_numpy().astype(np.int64, copy=False)
         values = series.to_numpy()
-        bad = values != np.round(values)
+        bad = _not_integral(values)
         if bad.any():
             row = _first_row(bad)
             raise sc.DataError.at(self.plan.file, action.label, first_row + row,
@@ -455,8 +478,8 @@ class _Converter:
         rows: dict[str, Any] = {
             "episode_id": (None if plan.episode_id is None
                            else self._episode_ids(frame.get_column(plan.episode_id), first_row)),
-            "step": (None if plan.step is None
-                     else frame.get_column(plan.step).to_numpy().astype(np.int64)),
+            "step": None if plan.step is None else self._steps(frame.get_column(plan.step),
+                                                                first_row),
             "obs": self._vector(frame, plan.obs, "obs", first_row),
             "next_obs": (None if plan.next_obs is None
                          else self._vector(frame, plan.next_obs, "next_obs", first_row)),
