@@ -228,19 +228,26 @@ class EpisodeSource:
         return order[:keep].sort().values
 
     def read_episodes(self, ordinals: Tensor) -> StepBatch:
-        """All columns of the episodes `ordinals` (sorted, small) as a `StepBatch`, reading only
-        the shards that hold them."""
+        """All columns of the episodes `ordinals` (a small set) as a `StepBatch`, in dataset
+        order, reading record batch by record batch only the shards that hold them."""
         wanted = torch.zeros(self.n_episodes, dtype=torch.bool)
         wanted[ordinals] = True
-        pieces: list[pa.Table] = []
+        wanted_np = wanted.numpy()
+        pieces: list[pa.RecordBatch] = []
         for shard in self._shards_with(wanted):
-            ordinal = np.repeat(
-                np.arange(shard.first_episode, shard.first_episode + len(shard.lengths)),
-                shard.lengths,
+            first = shard.first_episode
+            keep_row = np.repeat(wanted_np[first : first + len(shard.lengths)], shard.lengths)
+            scanner = pads.dataset([str(f) for f in shard.files], format="parquet").to_batches(
+                batch_size=self.batch_rows, batch_readahead=1, fragment_readahead=1
             )
-            table = pads.dataset([str(f) for f in shard.files], format="parquet").to_table()
-            pieces.append(table.filter(pa.array(wanted.numpy()[ordinal])))
-        return batch_from_table(pa.concat_tables(pieces))
+            offset = 0
+            for record_batch in scanner:
+                rows = record_batch.num_rows
+                mask = keep_row[offset : offset + rows]
+                offset += rows
+                if mask.any():
+                    pieces.append(record_batch.filter(pa.array(mask)))
+        return batch_from_table(pa.Table.from_batches(pieces))
 
     def _shards_with(self, keep: Tensor) -> Iterator[Shard]:
         for shard in self.shards:
