@@ -9,6 +9,7 @@ as the dataset ingest does.
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,9 +39,9 @@ def try_make_env(env_id_or_spec: Any) -> tuple[gym.Env | None, str | None]:
     """Build an environment, or say in one sentence why it cannot be built.
 
     Args:
-        env_id_or_spec: a gymnasium id (`"CartPole-v1"`), an `EnvSpec`, or a dataset card's
-            `env_spec` dict (at least `"id"`; optional `"kwargs"`, `"max_episode_steps"`,
-            `"entry_point"` used when the id is not registered).
+        env_id_or_spec: a gymnasium id (`"CartPole-v1"`), an `EnvSpec` or its JSON, or a
+            dataset card's `env_spec` dict (at least `"id"`; optional `"kwargs"`,
+            `"max_episode_steps"`, and `"entry_point"`, used when the id is not registered).
 
     Returns:
         `(env, None)` on success, `(None, reason)` otherwise.
@@ -54,6 +55,11 @@ def try_make_env(env_id_or_spec: Any) -> tuple[gym.Env | None, str | None]:
             "max_episode_steps": env_id_or_spec.max_episode_steps,
             "entry_point": env_id_or_spec.entry_point,
         }
+    if isinstance(env_id_or_spec, str) and env_id_or_spec.lstrip().startswith("{"):
+        try:  # an EnvSpec serialised by gymnasium's `EnvSpec.to_json` (as Minari stores it)
+            env_id_or_spec = json.loads(env_id_or_spec)
+        except json.JSONDecodeError as err:
+            return None, f"cannot read the environment spec JSON ({err.msg})"
     if isinstance(env_id_or_spec, str):
         env_id_or_spec = {"id": env_id_or_spec}
     if not isinstance(env_id_or_spec, Mapping) or not env_id_or_spec.get("id"):

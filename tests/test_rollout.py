@@ -98,3 +98,6 @@ def test_card_env_spec_dict_is_built_with_its_time_limit() -> None:
     result = evaluate_online(_linear_controller([0.01, 0.1, 1.0, 0.5]), env, episodes=1)
     assert result.returns == (50.0,)
     env.close()
+    from_json, reason = try_make_env(gym.spec("CartPole-v1").to_json())  # Minari's env_spec
+    assert reason is None and from_json.spec.max_episode_steps == 500
+    from_json.close()
