@@ -9,6 +9,7 @@ error never leaves a partial dataset under the final name.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -385,6 +386,20 @@ def _episode_starts(table: pa.Table) -> np.ndarray:
     return np.flatnonzero(np.r_[True, episode[1:] != episode[:-1]])
 
 
+def check_dataset_name(name: str) -> None:
+    """Refuse a dataset name that could act as a path: `..` or `.` parts, a leading `/`, `\\`,
+    control characters (names like Minari ids `namespace/name-v0` are fine).
+
+    Raises:
+        DataError: one sentence naming the option (`--name`) and the name.
+    """
+    parts = name.split("/")
+    if (not name.strip() or name.startswith("/") or "\\" in name or not name.isprintable()
+            or any(part in ("", ".", "..") for part in parts)):
+        raise sc.DataError(f"dataset name {name!r} (--name) is not allowed: no '..' or '.' "
+                           f"parts, no leading '/', no backslash or control characters.")
+
+
 def _check_replaceable(out: Path, overwrite: bool) -> None:
     if not out.exists():
         return
@@ -396,8 +411,52 @@ def _check_replaceable(out: Path, overwrite: bool) -> None:
                                  f"refusing to replace it.")
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` folder to `out`, replacing an existing dataset there."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_stale(out: Path) -> None:
+    """Remove what writers of `out` that died (SIGKILL, power loss) left beside it.
+
+    `<out>.tmp-<pid>/` of a dead process is an unfinished write: deleted. `<out>.old-<pid>/` of
+    a dead process is the previous dataset moved aside by an overwrite that was killed between
+    its two renames: put back when `out` is missing, else deleted. Folders of live processes
+    (a concurrent writer) are left alone.
+    """
+    for stale in out.parent.glob(f"{out.name}.*-*"):
+        kind, _, pid = stale.name.removeprefix(f"{out.name}.").partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or not stale.is_dir():
+            continue
+        if int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        if kind == "old" and not out.exists() and (stale / CARD_NAME).is_file():
+            os.rename(stale, out)
+        else:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _replace(tmp: Path, out: Path, overwrite: bool = True) -> None:
+    """Move the finished `tmp` folder to `out`, replacing an existing dataset there.
+
+    Without `overwrite`, `out` must still be free: rename(2) refuses to move a folder onto a
+    non-empty one, so of two concurrent writers of one `out` exactly one wins.
+    """
+    if not overwrite:
+        try:
+            os.rename(tmp, out)
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise
+            raise DatasetExistsError(f"{out}: another process wrote a dataset here while this "
+                                     f"one was writing; pass --overwrite to replace it.") from None
+        _fsync_path(out.parent)
+        return
     if out.exists():
         old = out.parent / f"{out.name}.old-{os.getpid()}"
         os.rename(out, old)
@@ -491,6 +550,8 @@ def write_dataset(
         DatasetExistsError: `out` exists and `overwrite` is False.
     """
     out = Path(out)
+    check_dataset_name(str(card.get("name") or out.name))
+    clean_stale(out)
     _check_replaceable(out, overwrite)
     action_space_json = card.get("action_space")
     action_space = space_from_json(action_space_json) if action_space_json else None
@@ -549,7 +610,7 @@ def write_dataset(
         card_path.write_text(json.dumps(full_card, indent=2, allow_nan=False) + "\n")
         _fsync_path(card_path)
         _fsync_path(tmp)
-        _replace(tmp, out)
+        _replace(tmp, out, overwrite)
     except BaseException:
         if shards is not None:
             shards.abort()
