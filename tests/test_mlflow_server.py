@@ -205,6 +205,28 @@ def test_policy_model_predicts_in_a_fresh_process(
     assert predicted["inputs"] == "[Tensor('float32', (-1, 4))]"
 
 
+def test_compare_ranks_the_server_runs(
+    server: dict[str, str], trained: dict[str, str], tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=server["base"])
+    returns = {estimator: client.get_run(run_id).data.metrics["online/return_mean"]
+               for estimator, run_id in trained.items()}
+    result = CliRunner().invoke(
+        app, ["compare", "cartpole-weak", "--json", "--plot", str(tmp_path / "cmp.png")],
+        env={"MLFLOW_TRACKING_URI": server["base"]},
+    )
+    assert result.exit_code == 0, result.output
+    groups = json.loads(result.output)["groups"]
+    # One run per configuration: each group's mean is its run's value; best first, ties by name.
+    assert [(g["estimator"], g["run_ids"], g["metric"]["mean"]) for g in groups] == [
+        (estimator, [trained[estimator]], returns[estimator])
+        for estimator in sorted(returns, key=lambda e: (-returns[e], e))
+    ]
+    assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
