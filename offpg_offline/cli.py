@@ -674,8 +674,8 @@ def sweep(
         help="Comma-separated estimators to sweep.")] = "per-step,per-decision",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0,1,2",
     grid: Annotated[list[str] | None, typer.Option(
-        help="KEY=V1,V2 over a [train] setting; repeatable (Cartesian product). A single "
-             "value just sets it.")] = None,
+        help="KEY=V1,V2 over a train setting (e.g. lr=1e-3,1e-2, clip=2,none); repeatable "
+             "(Cartesian product). A single value just sets it.")] = None,
     steps: Annotated[int | None, typer.Option(help="Gradient steps of each run.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML run config all runs start from.")
                       ] = None,
@@ -776,8 +776,7 @@ def compare_command(
 ) -> None:
     """Rank the finished training runs of an experiment: mean ± sd over seeds per config.
 
-    The comparison plot is logged to the sweep's parent run when the runs come from one sweep,
-    and saved as a PNG file otherwise (or when --plot is given).
+    The plot goes to the sweep's parent run when the runs share one, else to a PNG file.
     """
     from offpg_offline import tracking
 

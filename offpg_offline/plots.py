@@ -96,19 +96,21 @@ def weight_curves(histories: History, path: Path) -> Path | None:
     return path
 
 
-def weight_histogram(log_weights: Any, path: Path, *, bins: int = 50) -> Path | None:
-    r"""Histogram of the final log importance weights log w on the training split.
+def ess_fraction(log_weights: np.ndarray) -> float:
+    r"""ESS/N = (Σ w)² / (N Σ w²) of weights given as logs, shifted by max log w first so
+    that large weights do not overflow (the ratio does not change with a common factor)."""
+    shifted = np.exp(log_weights - log_weights.max())
+    return float(shifted.sum() ** 2 / (log_weights.size * (shifted**2).sum()))
 
-    The title carries the effective sample size fraction of the same weights,
-        ESS/N = (Σ w)² / (N Σ w²),
-    computed in log space (shifting by max log w) so that large weights do not overflow.
-    """
+
+def weight_histogram(log_weights: Any, path: Path, *, bins: int = 50) -> Path | None:
+    """Histogram of the final log importance weights log w on the training split, titled with
+    their `ess_fraction` (non-finite values are left out)."""
     values = np.asarray(log_weights, dtype=np.float64).reshape(-1)
     values = values[np.isfinite(values)]
     if values.size == 0:
         return None
-    shifted = np.exp(values - values.max())
-    ess = shifted.sum() ** 2 / (values.size * (shifted**2).sum())
+    ess = ess_fraction(values)
     figure, (ax,) = _figure(1, size=(6.0, 3.5))
     ax.hist(values, bins=bins, color="tab:blue", alpha=0.8)
     ax.axvline(0.0, color="black", linewidth=1, linestyle="--")

@@ -44,7 +44,7 @@ FAST = ["--steps", "10", "--init", "random", "--baseline", "none", "--eval-episo
 ESTIMATORS = ("per-step", "per-decision")
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--no-first-run", "--window-size=1600,1000",
+    "--disable-component-update", "--no-first-run", "--window-size=1600,1800",
     "--virtual-time-budget=15000",
 ]
 
