@@ -39,6 +39,13 @@ from mlflow.models import Model, infer_signature
 from offpg_offline.config import TrackingConfig
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+UNSENT_FILE = "unsent-metrics.jsonl"  # what a run could not send to a server that went away
+# MLflow retries a failing HTTP request 7 times with exponential backoff (minutes in all) and
+# waits 120 s for an answer; a dead server must not hang a run. Ours, unless the user set them.
+for _name, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
+                      ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                      ("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")):
+    os.environ.setdefault(_name, _value)
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating tables..." noise
 logging.getLogger("alembic").setLevel(logging.WARNING)
 logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)  # "Validating input example ..."
@@ -122,6 +129,10 @@ class MlflowTracker:
     def __init__(self, client: MlflowClient, run_id: str, experiment_id: str) -> None:
         self._client, self.run_id, self.experiment_id = client, run_id, experiment_id
         self._pending: list[Metric] = []
+        # Where records go when the server stops answering (`train` saves checkpoints here).
+        self.fallback_dir = Path("runs") / run_id
+        self.lost: str | None = None  # why the server stopped answering, once it has
+        self._unsent: list[dict[str, Any]] = []  # metrics, params, tags, artifacts not sent
 
     @classmethod
     @contextlib.contextmanager
@@ -154,11 +165,70 @@ class MlflowTracker:
         try:
             yield tracker
         except BaseException:
-            tracker.flush()
-            client.set_terminated(tracker.run_id, status="FAILED")
+            tracker._end("FAILED")  # the server's loss is reported below the original error
             raise
-        tracker.flush()
-        client.set_terminated(tracker.run_id, status="FINISHED")
+        tracker._end("FINISHED")
+        if tracker.lost is not None:
+            raise ValueError(tracker.lost_message())
+
+    # --- a server that stops answering: keep going, keep what was not sent ---------------------
+
+    def _server_gone(self) -> bool:
+        uri = self.tracking_uri
+        if not uri.startswith(("http://", "https://")):
+            return False  # a local store's errors are real errors
+        try:
+            check_reachable(uri, timeout=2.0)
+        except ValueError:
+            return True
+        return False
+
+    def _deliver(self, call: Any, *records: dict[str, Any]) -> bool:
+        """Run `call()` against the server; when the server is gone, keep `records` instead.
+
+        Returns:
+            True when delivered.
+        """
+        if self.lost is None:
+            try:
+                call()
+                return True
+            except (MlflowException, OSError) as err:
+                if not self._server_gone():
+                    raise
+                first = str(err).strip().splitlines()
+                self.lost = first[0][:300] if first else type(err).__name__
+        self._unsent.extend(records)
+        return False
+
+    def _end(self, status: str) -> None:
+        """Flush, then mark the run ended; if the server went away, try once more, then write
+        what was not sent to `fallback_dir/unsent-metrics.jsonl`."""
+        self.flush()
+        if self.lost is not None and not self._server_gone():  # it came back: send it all now
+            unsent, self._unsent, self.lost = self._unsent, [], None
+            try:
+                _send_records(self._client, self.run_id, unsent)
+            except (MlflowException, OSError) as err:
+                self._unsent, self.lost = unsent, str(err).strip().splitlines()[0][:300]
+        self._deliver(lambda: self._client.set_terminated(self.run_id, status=status),
+                      {"kind": "status", "status": status})
+        if self.lost is not None:
+            self.fallback_dir.mkdir(parents=True, exist_ok=True)
+            with (self.fallback_dir / UNSENT_FILE).open("a") as handle:
+                handle.write(json.dumps({"kind": "run", "run_id": self.run_id,
+                                         "tracking_uri": self.tracking_uri}) + "\n")
+                for record in self._unsent:
+                    handle.write(json.dumps(record, allow_nan=True) + "\n")
+
+    def lost_message(self) -> str:
+        """One sentence: the server went away, where the run's data is, how to upload it."""
+        metrics = sum(record["kind"] == "metric" for record in self._unsent)
+        return (f"MLflow tracking server {self.tracking_uri} stopped answering during run "
+                f"{self.run_id} ({self.lost}); its checkpoints are in {self.fallback_dir} and "
+                f"{metrics} metric values (with the params, tags and artifacts not sent) are in "
+                f"{self.fallback_dir / UNSENT_FILE}: send them with `offpg upload-metrics "
+                f"{self.fallback_dir}` once the server is back")
 
     @property
     def client(self) -> MlflowClient:
@@ -171,10 +241,14 @@ class MlflowTracker:
     def log_params(self, params: Mapping[str, str | int | float | bool]) -> None:
         items = [Param(key, str(value)) for key, value in params.items()]
         for i in range(0, len(items), _MAX_PARAMS):
-            self._client.log_batch(self.run_id, params=items[i : i + _MAX_PARAMS])
+            chunk = items[i : i + _MAX_PARAMS]
+            self._deliver(lambda chunk=chunk: self._client.log_batch(self.run_id, params=chunk),
+                          *({"kind": "param", "key": p.key, "value": p.value} for p in chunk))
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        self._deliver(lambda: self._client.log_batch(self.run_id, tags=items),
+                      *({"kind": "tag", "key": t.key, "value": t.value} for t in items))
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
         """Buffer metrics; they are written in batches of up to 1000."""
@@ -184,32 +258,63 @@ class MlflowTracker:
             self.flush()
 
     def flush(self) -> None:
+        """Send the buffered metrics (kept for the fallback file if the server is gone)."""
         while self._pending:
             chunk, self._pending = self._pending[:_MAX_BATCH], self._pending[_MAX_BATCH:]
-            self._client.log_batch(self.run_id, metrics=chunk)
+            self._deliver(lambda chunk=chunk: self._client.log_batch(self.run_id, metrics=chunk),
+                          *({"kind": "metric", "key": m.key, "value": m.value,
+                             "timestamp": m.timestamp, "step": m.step} for m in chunk))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self._client.log_artifact(self.run_id, str(path), artifact_path)
+        self._deliver(lambda: self._client.log_artifact(self.run_id, str(path), artifact_path),
+                      {"kind": "artifact", "path": str(Path(path).resolve()),
+                       "artifact_path": artifact_path})
 
     def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
-        self._client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+        self._deliver(lambda: self._client.log_artifacts(self.run_id, str(local_dir),
+                                                         artifact_path),
+                      {"kind": "artifact", "path": str(Path(local_dir).resolve()),
+                       "artifact_path": artifact_path})
 
     def metric_histories(
         self, keys: Iterable[str] | None = None
     ) -> dict[str, list[tuple[int, float]]]:
         """Every (or the given) metric's history as (step, value) pairs sorted by step, read
-        back from the store (pending metrics are flushed first)."""
+        back from the store (pending metrics are flushed first); once the server is gone, of
+        the metrics this process still holds."""
         self.flush()
-        names = sorted(keys) if keys is not None else sorted(
-            self._client.get_run(self.run_id).data.metrics
-        )
-        return {
-            name: sorted((m.step, m.value) for m in self._client.get_metric_history(
-                self.run_id, name))
-            for name in names
-        }
+
+        def read() -> dict[str, list[tuple[int, float]]]:
+            names = sorted(keys) if keys is not None else sorted(
+                self._client.get_run(self.run_id).data.metrics
+            )
+            return {
+                name: sorted((m.step, m.value) for m in self._client.get_metric_history(
+                    self.run_id, name))
+                for name in names
+            }
+
+        found: list[dict[str, list[tuple[int, float]]]] = []
+        if self._deliver(lambda: found.append(read())):
+            return found[0]
+        wanted = None if keys is None else set(keys)
+        local: dict[str, list[tuple[int, float]]] = {}
+        for record in self._unsent:
+            if record["kind"] == "metric" and (wanted is None or record["key"] in wanted):
+                local.setdefault(record["key"], []).append((record["step"], record["value"]))
+        return {name: sorted(values) for name, values in sorted(local.items())}
 
     def log_policy_model(
+        self, checkpoint: Path, input_example: np.ndarray, *, name: str = "policy", step: int = 0
+    ) -> str:
+        """`_log_policy_model`, or "" (the model is not logged) once the server is gone."""
+        uri: list[str] = []
+        self._deliver(lambda: uri.append(self._log_policy_model(
+            checkpoint, input_example, name=name, step=step)),
+            {"kind": "model", "checkpoint": str(Path(checkpoint).resolve()), "name": name})
+        return uri[0] if uri else ""
+
+    def _log_policy_model(
         self, checkpoint: Path, input_example: np.ndarray, *, name: str = "policy", step: int = 0
     ) -> str:
         """Log the policy in `checkpoint` as an MLflow pyfunc model of this run.
@@ -281,10 +386,13 @@ class MlflowTracker:
         return f"runs:/{self.run_id}/{name}"
 
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
-        self._client.log_dict(self.run_id, dict(data), artifact_file)
+        self._deliver(lambda: self._client.log_dict(self.run_id, dict(data), artifact_file),
+                      {"kind": "text", "text": json.dumps(dict(data), indent=2),
+                       "artifact_file": artifact_file})
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._client.log_text(self.run_id, text, artifact_file)
+        self._deliver(lambda: self._client.log_text(self.run_id, text, artifact_file),
+                      {"kind": "text", "text": text, "artifact_file": artifact_file})
 
     def log_dataset(
         self, path: Path, card: Mapping[str, Any], *, context: str = "training"
@@ -315,7 +423,75 @@ class MlflowTracker:
             dataset=dataset._to_mlflow_entity(),
             tags=[InputTag(key="mlflow.data.context", value=context)],
         )
-        self._client.log_inputs(self.run_id, datasets=[entity])
+        self._deliver(lambda: self._client.log_inputs(self.run_id, datasets=[entity]),
+                      {"kind": "dataset", "path": str(Path(path).resolve())})
+
+
+def _send_records(client: MlflowClient, run_id: str, records: Sequence[dict[str, Any]]) -> int:
+    """Send kept records (see `MlflowTracker._deliver`) to `run_id`; the number of metrics sent.
+
+    Metrics, params, tags, texts, the final status and artifacts whose local files still exist
+    are sent; dataset inputs and policy models are not (train again or log them by hand).
+    """
+    metrics = [Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r["step"]))
+               for r in records if r["kind"] == "metric"]
+    params = [Param(r["key"], r["value"]) for r in records if r["kind"] == "param"]
+    tags = [RunTag(r["key"], r["value"]) for r in records if r["kind"] == "tag"]
+    for i in range(0, len(params), _MAX_PARAMS):
+        client.log_batch(run_id, params=params[i : i + _MAX_PARAMS])
+    for i in range(0, len(tags), _MAX_PARAMS):
+        client.log_batch(run_id, tags=tags[i : i + _MAX_PARAMS])
+    for i in range(0, len(metrics), _MAX_BATCH):
+        client.log_batch(run_id, metrics=metrics[i : i + _MAX_BATCH])
+    for record in records:
+        if record["kind"] == "text":
+            client.log_text(run_id, record["text"], record["artifact_file"])
+        elif record["kind"] == "artifact" and Path(record["path"]).is_file():
+            client.log_artifact(run_id, record["path"], record["artifact_path"])
+        elif record["kind"] == "artifact" and Path(record["path"]).is_dir():
+            client.log_artifacts(run_id, record["path"], record["artifact_path"])
+    for record in records:
+        if record["kind"] == "status":
+            client.set_terminated(run_id, status=record["status"])
+    return len(metrics)
+
+
+def upload_unsent(run_dir: Path, uri: str | None = None) -> tuple[str, int]:
+    """Send `run_dir/unsent-metrics.jsonl` (what a run kept when its server went away).
+
+    The file is renamed to `uploaded-metrics.jsonl` once sent, so it is never sent twice.
+
+    Args:
+        run_dir: the run's folder (`runs/<run id>`, or the `--out-dir` of `offpg train`).
+        uri: the tracking server (default: $MLFLOW_TRACKING_URI, else the file's own).
+
+    Returns:
+        (run id, number of metric values sent).
+
+    Raises:
+        ValueError: no such file, a server that does not answer, or a run it does not know.
+    """
+    path = Path(run_dir) / UNSENT_FILE
+    if not path.is_file():
+        raise ValueError(f"{run_dir}: no {UNSENT_FILE} here, nothing to upload")
+    try:
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: line {err.lineno} is not JSON ({err.msg})") from None
+    runs = {line["run_id"]: line["tracking_uri"] for line in lines if line.get("kind") == "run"}
+    if len(runs) != 1:
+        raise ValueError(f"{path}: expected the records of one run, found {len(runs)}")
+    ((run_id, recorded_uri),) = runs.items()
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or recorded_uri
+    check_reachable(uri)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise ValueError(f"run {run_id} is not in the tracking store {uri}") from None
+    sent = _send_records(client, run_id, [line for line in lines if line.get("kind") != "run"])
+    path.rename(path.with_name("uploaded-metrics.jsonl"))
+    return run_id, sent
 
 
 def run_artifact_text(config: TrackingConfig, run_id: str, artifact_path: str) -> str:
@@ -367,11 +543,9 @@ class PolicyModel(mlflow.pyfunc.PythonModel):
         self.load_checkpoint(Path(context.artifacts["checkpoint"]))
 
     def load_checkpoint(self, path: Path) -> None:
-        import torch
+        from offpg_offline.policies import load_checkpoint, policy_from_checkpoint
 
-        from offpg_offline.policies import policy_from_checkpoint
-
-        self._policy = policy_from_checkpoint(torch.load(path, weights_only=True))
+        self._policy = policy_from_checkpoint(load_checkpoint(path))
         self._policy.eval()
 
     def predict(self, context: Any, model_input: np.ndarray, params: Any = None) -> np.ndarray:
@@ -540,6 +714,7 @@ def open_client(config: TrackingConfig) -> MlflowClient:
 
 __all__ = [
     "DEFAULT_URI",
+    "UNSENT_FILE",
     "MlflowException",
     "MlflowTracker",
     "PolicyModel",
@@ -558,5 +733,6 @@ __all__ = [
     "resolve_uri",
     "serve",
     "stop_server",
+    "upload_unsent",
     "wait_until_ready",
 ]
