@@ -261,6 +261,7 @@ def train(
             run.tracking, experiment=str(card.get("name", dataset.name)),
             run_name=_run_name(run.train),
         ) as tracker:
+            tracker.fallback_dir = out_dir or tracker.fallback_dir  # beside the checkpoints
             tracker.log_dataset(dataset, card)
             tracker.log_text(_to_toml(run), "config.toml")
             result = train_job.train(dataset, run.train, tracker=tracker,
@@ -298,6 +299,7 @@ def _resume(dataset: Path, run_id: str, out_dir: Path | None, given: list[str]) 
             fail(f"no checkpoint of run {run_id} in {folder}; pass --out-dir where it saved them")
         with tracking.MlflowTracker.start(run.tracking, experiment="", run_name="",
                                           run_id=run_id) as tracker:
+            tracker.fallback_dir = folder
             result = train_job.train(dataset, run.train, tracker=tracker, out_dir=folder,
                                      progress=True, resume=checkpoint)
     except (ValueError, FileNotFoundError) as err:
@@ -464,7 +466,7 @@ def evaluate(
     from offpg_offline import train as train_job
     from offpg_offline.data.batch import load_steps
     from offpg_offline.data.store import read_card
-    from offpg_offline.policies import policy_from_checkpoint
+    from offpg_offline.policies import load_checkpoint, policy_from_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         run_id = None
@@ -473,9 +475,12 @@ def evaluate(
         else:
             checkpoint_path, run_dataset, run_id = _run_inputs(target, Path(tmp))
         try:
-            ckpt = torch.load(checkpoint_path, weights_only=True, map_location="cpu")
+            ckpt = load_checkpoint(checkpoint_path)  # weights_only: a pickle with code is refused
+        except ValueError as err:
+            fail(str(err))
+        try:
             policy = policy_from_checkpoint(ckpt).eval()
-        except (RuntimeError, ValueError, KeyError, OSError) as err:
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
             fail(f"{target}: not a policy checkpoint ({err})")
     params = ckpt.get("config", {})
     folder = dataset or run_dataset
@@ -851,6 +856,26 @@ def ui(
             fail(f"{err}; its last output: {' | '.join(tail) or 'none'}")
         finally:
             tracking.stop_server(process)
+
+
+# --- upload-metrics command (reliability: a tracking server that went away) ---
+
+
+@app.command("upload-metrics")
+def upload_metrics(
+    run_dir: Annotated[Path, typer.Argument(
+        help="The run's folder (runs/RUN_ID or its --out-dir) holding unsent-metrics.jsonl.")],
+    tracking_uri: Annotated[str | None, typer.Option(
+        help="Tracking server (default: $MLFLOW_TRACKING_URI, else the run's own).")] = None,
+) -> None:
+    """Send what a run kept locally when its tracking server stopped answering."""
+    from offpg_offline import tracking
+
+    try:
+        run_id, sent = tracking.upload_unsent(run_dir, tracking_uri)
+    except (ValueError, OSError, tracking.MlflowException) as err:
+        fail(str(err))
+    typer.echo(f"run {run_id}: sent {sent} metric values and the records kept in {run_dir}")
 
 
 def main() -> None:

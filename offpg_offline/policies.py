@@ -513,6 +513,33 @@ def checkpoint(policy: nn.Module, **extra: Any) -> dict[str, Any]:
     return {"spec": policy.spec(), "state_dict": state, **extra}  # type: ignore[operator]
 
 
+def load_checkpoint(path: Any, *, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint file with `torch.load(weights_only=True)`: tensors and plain values
+    only, never code (a pickle that would import or call anything is refused).
+
+    Raises:
+        ValueError: one sentence naming the file when it is refused or not a checkpoint.
+    """
+    import pickle
+    import re
+
+    try:
+        checkpoint = torch.load(path, weights_only=True, map_location=map_location)
+    except Exception as err:  # truncated, not a torch file, a payload: torch raises many kinds
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if isinstance(err, pickle.UnpicklingError) and found:
+            raise ValueError(f"{path}: refused to load, it holds the global {found.group(1)}, "
+                             f"which could run code (checkpoints are read with "
+                             f"torch.load(weights_only=True))") from None
+        detail = re.search(r"WeightsUnpickler error: ([^\n]+)", str(err))
+        first = [detail.group(1)] if detail else str(err).strip().splitlines()
+        reason = f"{type(err).__name__}: {first[0][:200]}" if first else type(err).__name__
+        raise ValueError(f"{path}: not a checkpoint ({reason})") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path}: not a checkpoint (it holds a {type(checkpoint).__name__})")
+    return checkpoint
+
+
 def policy_from_checkpoint(ckpt: dict[str, Any]) -> Policy:
     """Rebuild a policy from `checkpoint(policy)` (or any dict with `spec` and `state_dict`)."""
     if "spec" not in ckpt or "state_dict" not in ckpt:

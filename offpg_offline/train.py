@@ -33,7 +33,7 @@ from offpg_offline.config import (
 from offpg_offline.data.batch import StepBatch, load_steps
 from offpg_offline.data.spaces import space_from_json
 from offpg_offline.data.store import read_card
-from offpg_offline.policies import behavior_clone, make_policy
+from offpg_offline.policies import behavior_clone, load_checkpoint, make_policy
 
 
 class Tracker(Protocol):
@@ -522,7 +522,7 @@ def train(
 
 def load_resumable(path: Path, config: TrainConfig) -> dict[str, Any]:
     """A checkpoint to resume from; one clear sentence when it belongs to another config."""
-    checkpoint = torch.load(path, weights_only=True)
+    checkpoint = load_checkpoint(path, map_location=None)  # weights_only; refusals: one sentence
     saved = dict(checkpoint.get("config", {}))
     wanted = as_params(config)
     differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))

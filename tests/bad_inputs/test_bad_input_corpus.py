@@ -438,6 +438,20 @@ def _fit(*extra: str) -> Callable[[Path], list[str]]:
     return lambda tmp: ["behavior", "fit", str(WEAK), "--out", "ds", "--no-track", *extra]
 
 
+def _evaluate_junk(tmp: Path) -> list[str]:
+    (tmp / "policy.pt").write_text("not a checkpoint")
+    return ["evaluate", "policy.pt", "--dataset", str(WEAK)]
+
+
+def _evaluate_truncated(tmp: Path) -> list[str]:
+    import torch
+
+    torch.save({"spec": {}, "state_dict": {"w": torch.zeros(1000)}}, tmp / "policy.pt")
+    data = (tmp / "policy.pt").read_bytes()
+    (tmp / "policy.pt").write_bytes(data[: len(data) // 2])
+    return ["evaluate", "policy.pt", "--dataset", str(WEAK)]
+
+
 CASES = [
     # Parquet
     Case("parquet-reward-strings", _reward_strings, ("log.parquet", "'reward'")),
@@ -531,6 +545,12 @@ CASES = [
     Case("fit-negative-floor", _fit("--floor", "-1"), ("floor", "-1")),
     Case("fit-negative-steps", _fit("--steps", "-10"), ("steps", "-10")),
     Case("fit-out-and-in-place", _fit("--in-place"), ("--out", "--in-place")),
+    # evaluate
+    Case("evaluate-junk-checkpoint", _evaluate_junk, ("policy.pt", "not a checkpoint")),
+    Case("evaluate-truncated-checkpoint", _evaluate_truncated,
+         ("policy.pt", "not a checkpoint")),
+    Case("evaluate-bad-estimator", lambda tmp: ["evaluate", "x.pt", "--estimators", "is,magic"],
+         ("--estimators", "magic")),
     # info
     Case("info-corrupt-card", _info_corrupt_card, ("dataset.json", "not valid JSON")),
     Case("info-future-schema", _info_future_schema, ("dataset.json", "schema_version 99")),
@@ -548,7 +568,8 @@ def test_the_corpus_is_large_and_varied() -> None:
     assert len(CASES) >= 30
     assert len({case.id for case in CASES}) == len(CASES)
     kinds = {case.id.split("-")[0] for case in CASES}
-    assert {"parquet", "csv", "minari", "config", "option", "fit", "info", "train"} <= kinds
+    assert {"parquet", "csv", "minari", "config", "option", "fit", "info", "train",
+            "evaluate"} <= kinds
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
