@@ -227,6 +227,9 @@ def train(
     eval_every: Annotated[int | None, typer.Option(help="Online evaluation every N steps.")] = None,
     eval_episodes: Annotated[int | None, typer.Option(help="Episodes per evaluation.")] = None,
     env: Annotated[str | None, typer.Option(help="gymnasium env id for online evaluation.")] = None,
+    select_by: Annotated[str | None, typer.Option(
+        help="Ship the checkpoint with the best OPE score on the validation split "
+             "(is, wis, pdis, wpdis, dr, wdr, fqe; + _ci_low or _lb).")] = None,
     experiment: Annotated[str | None, typer.Option(help="MLflow experiment name.")] = None,
     run_name: Annotated[str | None, typer.Option(help="MLflow run name.")] = None,
     out_dir: Annotated[Path | None, typer.Option(help="Checkpoint folder.")] = None,
@@ -289,6 +292,7 @@ def _resume(dataset: Path, run_id: str, out_dir: Path | None, given: list[str]) 
         fail(f"--resume {run_id!r} is not a run id (letters, digits, '-' and '_' only)")
     from offpg_offline import tracking
     from offpg_offline import train as train_job
+    from offpg_offline.data.store import read_card
 
     try:
         text = tracking.run_artifact_text(TrackingConfig(), run_id, "config.toml")
@@ -302,6 +306,7 @@ def _resume(dataset: Path, run_id: str, out_dir: Path | None, given: list[str]) 
             tracker.fallback_dir = folder
             result = train_job.train(dataset, run.train, tracker=tracker, out_dir=folder,
                                      progress=True, resume=checkpoint)
+            _record_run(tracker, dataset, read_card(dataset), run.train, result)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
     typer.echo(f"run {run_id} resumed from {checkpoint.name}; "
@@ -583,7 +588,8 @@ def _record_run(tracker: Any, dataset: Path, card: dict[str, Any], config: Train
             tracker.log_artifacts(Path(tmp), "plots")
     first = next(iter_record_batches(dataset, ["obs"], batch_size=5)).column("obs")
     example = np.asarray(first.to_pylist(), dtype=np.float32)
-    tracker.log_policy_model(result.checkpoint, example, step=config.steps)
+    # The shipped policy: the checkpoint chosen by --select-by, else the final one.
+    tracker.log_policy_model(result.selected or result.checkpoint, example, step=config.steps)
 
 
 def _grid_values(spec: str) -> tuple[str, list[Any]]:

@@ -52,6 +52,7 @@ class PolicyKind(StrEnum):
     CATEGORICAL = "categorical"
     GAUSSIAN = "gaussian"
     TANH_GAUSSIAN = "tanh-gaussian"
+    TRUNCATED_GAUSSIAN = "truncated-gaussian"
 
 
 class Init(StrEnum):
@@ -59,6 +60,9 @@ class Init(StrEnum):
 
     RANDOM = "random"
     BC = "bc"
+
+
+SELECT_ESTIMATORS = ("is", "wis", "pdis", "wpdis", "dr", "wdr", "fqe")  # = ope.ESTIMATE_NAMES
 
 
 def _positive(name: str, value: float) -> None:
@@ -128,8 +132,10 @@ class TrainConfig:
     )
     stream: bool = field(
         default=False,
-        metadata={"help": "Stream the log from Parquet instead of loading it (always when the "
-                          "log exceeds memory_budget)."},
+        metadata={
+            "help": "Stream the log from Parquet instead of loading it (always when the "
+            "log exceeds memory_budget)."
+        },
     )
     memory_budget: float = field(
         default=2.0,
@@ -148,6 +154,13 @@ class TrainConfig:
     )
     eval_episodes: int = field(
         default=10, metadata={"help": "Seeded episodes per online evaluation."}
+    )
+    select_by: str | None = field(
+        default=None,
+        metadata={
+            "help": "Choose the checkpoint to ship by this OPE score on the validation "
+            "split: is, wis, pdis, wpdis, dr, wdr or fqe, optionally + _ci_low or _lb."
+        },
     )
     env: str | None = field(
         default=None,
@@ -181,6 +194,15 @@ class TrainConfig:
             raise ValueError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
         if self.checkpoint_every < 0 or self.eval_every < 0 or self.bc_steps < 0:
             raise ValueError("checkpoint_every, eval_every and bc_steps must be >= 0")
+        if self.select_by is not None:
+            name = self.select_by.removesuffix("_ci_low").removesuffix("_lb")
+            if name not in SELECT_ESTIMATORS:
+                raise ValueError(
+                    f"select_by must be one of {', '.join(SELECT_ESTIMATORS)} "
+                    f"(optionally with _ci_low or _lb), got {self.select_by!r}"
+                )
+            if self.val_fraction == 0:
+                raise ValueError("select_by needs a validation split: set val_fraction > 0")
         if not self.hidden or any(h <= 0 for h in self.hidden):
             raise ValueError(
                 f"hidden must be a non-empty list of positive sizes, got {self.hidden}"
@@ -234,8 +256,12 @@ def coerce_field(name: str, value: Any) -> Any:
     return value
 
 
-_PLAIN_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float),
-                                             "bool": (bool,), "str": (str,)}
+_PLAIN_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "str": (str,),
+}
 
 
 def _check_type(name: str, annotation: str, value: Any) -> None:
@@ -252,8 +278,17 @@ def _check_type(name: str, annotation: str, value: Any) -> None:
         numeric_bool = isinstance(value, bool) and part in ("int", "float")
         if part in _PLAIN_TYPES and isinstance(value, _PLAIN_TYPES[part]) and not numeric_bool:
             return
-    wanted = " or ".join("a number" if p == "float" else "an integer" if p == "int" else
-                         "true/false" if p == "bool" else "a string" for p in parts if p != "None")
+    wanted = " or ".join(
+        "a number"
+        if p == "float"
+        else "an integer"
+        if p == "int"
+        else "true/false"
+        if p == "bool"
+        else "a string"
+        for p in parts
+        if p != "None"
+    )
     raise ValueError(f"{name} must be {wanted}, got {value!r}")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import shutil
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -69,7 +70,9 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
     train_episodes: tuple[int, ...] = ()
     validation_episodes: tuple[int, ...] = ()
-    final_log_weights: Tensor | None = None  # log-weights on the training split at the end
+    final_log_weights: Tensor | None = None
+    selected: Path | None = None  # the checkpoint chosen by `select_by`, when set
+    selected_step: int | None = None  # log-weights on the training split at the end
 
 
 DIAGNOSTIC_STEPS = 8192  # rows of whole episodes on which periodic diagnostics are computed
@@ -472,6 +475,14 @@ def train(
     )
 
     # Optimise.
+    selector = (
+        None
+        if config.select_by is None
+        else Selector(config, batch.episodes(val_idx), behavior_logp[val_rows], train_batch)
+    )
+    checkpoint_every = config.checkpoint_every or (
+        max(config.steps // 10, 1) if selector is not None else 0
+    )
     batches = make_batches(train_view, config, start_step)
     with _progress(progress, config.steps, start_step) as advance:
         for step in range(start_step + 1, config.steps + 1):
@@ -486,10 +497,12 @@ def train(
                 metrics.update(log_diagnostics(policy, train_probe, val_probe, config))
                 metrics["train/grad_variance"] = episode_gradient_variance(policy, view, config)
                 tracker.log_metrics(metrics, step=step)
-            if config.checkpoint_every and step % config.checkpoint_every == 0:
-                save_checkpoint(
+            if checkpoint_every and step % checkpoint_every == 0:
+                path = save_checkpoint(
                     out_dir / f"step-{step:06d}.pt", policy, optimizer, step=step, config=config
                 )
+                if selector is not None:
+                    tracker.log_metrics(selector.score(policy, path, step), step=step)
             if config.eval_every and step % config.eval_every == 0 and step < config.steps:
                 tracker.log_metrics(online_metrics(policy, env_id, config), step=step)
             advance(
@@ -504,6 +517,21 @@ def train(
     metrics.update(bc_metrics)
     tracker.log_metrics(online, step=config.steps)
     tracker.log_artifact(final, "checkpoints")
+    selected = selected_step = None
+    if selector is not None:
+        if config.steps not in selector.scores:
+            tracker.log_metrics(selector.score(policy, final, config.steps), step=config.steps)
+        selected_step, source = selector.best()
+        selected = out_dir / "selected.pt"
+        shutil.copyfile(source, selected)
+        tracker.log_artifact(selected, "checkpoints")
+        tracker.set_tags(
+            {
+                "selected_step": str(selected_step),
+                "selected_checkpoint": f"checkpoints/{selected.name}",
+            }
+        )
+        metrics[f"select/{config.select_by}"] = selector.scores[selected_step][1]
     with torch.no_grad():
         final_log_weights = estimators.diagnostic_log_weights(
             policy.log_prob(train_view.obs, train_view.action),
@@ -517,7 +545,50 @@ def train(
         train_episodes=tuple(train_idx.tolist()),
         validation_episodes=tuple(val_idx.tolist()),
         final_log_weights=final_log_weights,
+        selected=selected,
+        selected_step=selected_step,
     )
+
+
+class Selector:
+    """Scores checkpoints by an OPE estimate on the validation split (`select_by`)."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        validation: StepBatch,
+        behavior_logp: Tensor,
+        critic_batch: StepBatch,
+    ) -> None:
+        self.config, self.validation, self.behavior_logp = config, validation, behavior_logp
+        self.critic_batch = critic_batch
+        self.estimator = (config.select_by or "").removesuffix("_ci_low").removesuffix("_lb")
+        self.scores: dict[int, tuple[Path, float]] = {}
+
+    def score(self, policy: nn.Module, path: Path, step: int) -> dict[str, float]:
+        """Evaluate the policy saved at `path`; returns the `ope/...` metrics to log."""
+        from offpg_offline.ope import evaluate_offline, selection_score
+
+        estimates = evaluate_offline(  # fits an FQE critic for dr, wdr and fqe
+            policy,
+            self.validation,
+            self.behavior_logp,
+            gamma=self.config.gamma,
+            estimators=(self.estimator,),
+            n_boot=200,
+            seed=self.config.seed,
+            critic_batch=self.critic_batch,
+        )
+        self.scores[step] = (path, selection_score(estimates, self.config.select_by or ""))
+        metrics = {
+            key: value for estimate in estimates for key, value in estimate.metrics().items()
+        }
+        return {**metrics, f"select/{self.config.select_by}": self.scores[step][1]}
+
+    def best(self) -> tuple[int, Path]:
+        """The step with the highest score (the earliest among ties) and its checkpoint."""
+        step = max(sorted(self.scores), key=lambda k: self.scores[k][1])
+        return step, self.scores[step][0]
 
 
 def load_resumable(path: Path, config: TrainConfig) -> dict[str, Any]:

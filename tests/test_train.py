@@ -220,3 +220,23 @@ def test_resume_refuses_another_configuration(tmp_path: Path) -> None:
             resume=result.checkpoint,
             out_dir=tmp_path,
         )
+
+
+def test_select_by_scores_every_checkpoint_and_ships_the_best(tmp_path: Path) -> None:
+    tracker = RecordingTracker()
+    config = dataclasses.replace(FAST, steps=30, select_by="wpdis")
+    result = train(WEAK, config, tracker=tracker, out_dir=tmp_path)
+    scores = {step: m["select/wpdis"] for step, m in tracker.metrics if "select/wpdis" in m}
+    assert sorted(scores) == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30]  # steps // 10 by default
+    assert result.selected_step == max(scores, key=lambda k: scores[k])
+    chosen = torch.load(result.selected, weights_only=True)
+    assert chosen["step"] == result.selected_step
+    assert (result.selected, "checkpoints") in tracker.artifacts
+    assert result.metrics["select/wpdis"] == scores[result.selected_step]
+
+
+def test_select_by_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="select_by must be one of is, wis, pdis"):
+        TrainConfig(select_by="wdr_upper")
+    with pytest.raises(ValueError, match="select_by needs a validation split"):
+        TrainConfig(select_by="wdr", val_fraction=0.0)
