@@ -461,7 +461,7 @@ def ingest_minari(
     observation_space, action_space = dataset.observation_space, dataset.action_space
     stored_obs, stored_action = _stored_spaces(observation_space, action_space)
     continuous = isinstance(action_space, gym.spaces.Box)
-    episodes = _iter_episodes(dataset)
+    episodes = _readable(_iter_episodes(dataset), source_name)
     first = next(episodes, None)
     if first is None:
         raise ValueError(f"{source_name}: the dataset has no episodes (empty input).")
@@ -529,6 +529,17 @@ def ingest_minari(
         warnings.warn(f"{source_name}: {ended_without_flag[0]} episode(s) ended with neither "
                       f"terminated nor truncated set; kept as truncated.", stacklevel=2)
     return written
+
+
+def _readable(episodes: Iterator[_Episode], source_name: str) -> Iterator[_Episode]:
+    """`episodes`, with a data file that cannot be read (truncated, not Arrow/HDF5) reported in
+    one sentence naming the dataset."""
+    try:
+        yield from episodes
+    except (OSError, pa.ArrowException) as err:
+        lines = str(err).strip().splitlines()
+        reason = lines[0] if lines else type(err).__name__
+        raise ValueError(f"{source_name}: a data file cannot be read ({reason}).") from None
 
 
 def _propensity_card(propensity: _Propensity) -> dict[str, str]:

@@ -387,6 +387,31 @@ def _minari_bad_propensity_kind(tmp: Path) -> list[str]:
     return ["ingest", "minari", "mds", "--out", "ds", "--propensity-kind", "odds"]
 
 
+def _minari_truncated(data_format: str) -> Callable[[Path], list[str]]:
+    """A real Minari dataset (two CartPole episodes) whose last data file is cut in half."""
+
+    def build(tmp: Path) -> list[str]:
+        import warnings
+
+        import minari
+        from minari.data_collector import EpisodeBuffer
+
+        buffers = [EpisodeBuffer(id=e, observations=np.zeros((4, 4), np.float32),
+                                 actions=np.array([0, 1, 0]), rewards=[1.0] * 3,
+                                 terminations=[False, False, True], truncations=[False] * 3)
+                   for e in range(2)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dataset = minari.create_dataset_from_buffers(
+                f"test/cut{data_format}-v0", buffers, env="CartPole-v1", data_format=data_format)
+        data = Path(dataset.storage.data_path)
+        last = max((p for p in data.rglob("*") if p.suffix in (".arrow", ".hdf5")), key=str)
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+        return ["ingest", "minari", str(data), "--out", "ds", "--quiet"]
+
+    return build
+
+
 # --- run configs (train --config) -------------------------------------------------------------
 
 
@@ -516,6 +541,10 @@ CASES = [
          ("metadata.json", "Minari cannot open", "JSONDecodeError")),
     Case("minari-incomplete-metadata", _minari_incomplete_metadata,
          ("metadata.json", "Minari cannot open")),
+    Case("minari-truncated-arrow", _minari_truncated("arrow"),
+         ("Minari dataset test/cutarrow-v0", "a data file cannot be read", "part-0.arrow")),
+    Case("minari-truncated-hdf5", _minari_truncated("hdf5"),
+         ("Minari dataset test/cuthdf5-v0", "a data file cannot be read", "truncated file")),
     Case("minari-propensity-kind", _minari_bad_propensity_kind, ("--propensity-kind", "'odds'")),
     # run configs
     Case("config-unknown-key", _train_config("[train]\ngama = 0.9\n"), ("[train]", "gama")),
