@@ -235,6 +235,14 @@ def train(
     out_dir: Annotated[Path | None, typer.Option(help="Checkpoint folder.")] = None,
     resume: Annotated[str | None, typer.Option(
         help="Continue run RUN_ID from its last checkpoint, with its configuration.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    stream: Annotated[bool | None, typer.Option(
+        help="Stream the log from Parquet (automatic above --memory-budget).")] = None,
+    memory_budget: Annotated[float | None, typer.Option(
+        help="GB the in-memory trainer may use; larger logs are streamed.")] = None,
+    nproc: Annotated[int, typer.Option(
+        help="Data-parallel processes on this machine, via torchrun (gloo on CPU, nccl on GPU)."
+    )] = 1,
 ) -> None:
     """Train a target policy on DATASET and record the run in MLflow."""
     overrides = {key: value for key, value in locals().items()
@@ -253,9 +261,23 @@ def train(
         fail(str(err))
     if not (dataset / "dataset.json").is_file():
         fail(f"{dataset} is not a dataset folder (no dataset.json); create one with `offpg ingest`")
+    if nproc > 1:
+        _launch_torchrun(dataset, run, nproc, out_dir)
+    if nproc < 1:
+        fail(f"--nproc must be at least 1, got {nproc}")
 
-    from offpg_offline import tracking  # torch and mlflow load only here
-    from offpg_offline import train as train_job
+    import os
+
+    from offpg_offline import train as train_job  # torch and mlflow load only here
+
+    if os.environ.get("RANK", "0") != "0":  # a torchrun rank other than 0: no tracking, no output
+        try:
+            train_job.train(dataset, run.train, out_dir=out_dir)
+        except (ValueError, FileNotFoundError) as err:
+            fail(str(err))
+        return
+
+    from offpg_offline import tracking
     from offpg_offline.data.store import read_card
 
     card = read_card(dataset)
@@ -282,6 +304,34 @@ def train(
     typer.echo(f"checkpoint: {result.checkpoint}")
     uri = tracking.resolve_uri(run.tracking)
     typer.echo(f"view: offpg ui  (or: mlflow ui --backend-store-uri {uri})")
+
+
+def _launch_torchrun(dataset: Path, run: RunConfig, nproc: int, out_dir: Path | None) -> NoReturn:
+    """`--nproc N`: start N ranks of this command with torchrun, the resolved config in a TOML
+    file; rank 0 tracks and saves. Exits with torchrun's status."""
+    import os
+    import subprocess
+    import tempfile
+
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        fail("--nproc starts torchrun itself; under torchrun, leave it out")
+    per_step = run.train.estimator is EstimatorName.PER_STEP
+    size = run.train.batch_steps if per_step else run.train.batch_episodes
+    if size % nproc:
+        option = "--batch-steps" if per_step else "--batch-episodes"
+        fail(f"{option} {size} cannot be split evenly over {nproc} processes")
+    from offpg_offline.distributed import torchrun_command
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path = Path(tmp) / "config.toml"
+        config_path.write_text(_to_toml(run))
+        args = [str(dataset), "--config", str(config_path)]
+        if out_dir is not None:
+            args += ["--out-dir", str(out_dir)]
+        code = subprocess.call(torchrun_command(nproc, args))
+    if code:
+        fail(f"torchrun exited with status {code} (see the rank messages above)")
+    raise typer.Exit(0)
 
 
 def _resume(dataset: Path, run_id: str, out_dir: Path | None, given: list[str]) -> None:

@@ -9,12 +9,13 @@ It never imports mlflow: a `Tracker` is handed in.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import math
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,7 +23,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from offpg_offline import estimators
+from offpg_offline import distributed, estimators
 from offpg_offline.config import (
     Baseline,
     EstimatorName,
@@ -34,6 +35,15 @@ from offpg_offline.config import (
 from offpg_offline.data.batch import StepBatch, load_steps
 from offpg_offline.data.spaces import space_from_json
 from offpg_offline.data.store import read_card
+from offpg_offline.data.stream import (
+    EpisodeSource,
+    LogView,
+    buffer_units,
+    episode_rows,
+    in_memory_bytes,
+    rank_episodes,
+    shuffled_batches,
+)
 from offpg_offline.policies import behavior_clone, load_checkpoint, make_policy
 
 
@@ -76,6 +86,7 @@ class TrainResult:
 
 
 DIAGNOSTIC_STEPS = 8192  # rows of whole episodes on which periodic diagnostics are computed
+STREAM_SAMPLE_STEPS = 1 << 17  # rows of whole episodes read into memory when streaming
 EPISODIC = {EstimatorName.TRAJECTORY, EstimatorName.PER_DECISION, EstimatorName.PAST_WEIGHT}
 
 
@@ -109,47 +120,6 @@ def split_episodes(
     return order[n_val:].sort().values, order[:n_val].sort().values
 
 
-def episode_rows(episode_start: Tensor, index: Tensor) -> Tensor:
-    """Row indices of the episodes with ordinals `index`, in that order (vectorised gather)."""
-    starts = torch.nonzero(episode_start).flatten()
-    lengths = torch.diff(starts, append=torch.tensor([episode_start.shape[0]]))
-    chosen_starts, chosen_lengths = starts[index], lengths[index]
-    first = torch.repeat_interleave(chosen_starts, chosen_lengths)
-    offsets = torch.cumsum(chosen_lengths, 0) - chosen_lengths
-    within = torch.arange(int(chosen_lengths.sum())) - torch.repeat_interleave(
-        offsets, chosen_lengths
-    )
-    return first + within
-
-
-@dataclass(frozen=True, slots=True)
-class LogView:
-    """The flat tensors a surrogate needs, for the rows of one batch (or the whole split)."""
-
-    obs: Tensor
-    action: Tensor
-    behavior_logp: Tensor
-    reward: Tensor
-    step: Tensor
-    episode_start: Tensor
-    baseline: Tensor | None
-
-    def rows(self, rows: Tensor, *, as_steps: bool) -> LogView:
-        """A sub-view; `as_steps` makes every row its own one-step episode (per-step batches)."""
-        step, start = self.step[rows], self.episode_start[rows]
-        if as_steps:
-            step, start = torch.zeros_like(step), torch.ones_like(start)
-        return LogView(
-            self.obs[rows],
-            self.action[rows],
-            self.behavior_logp[rows],
-            self.reward[rows],
-            step,
-            start,
-            None if self.baseline is None else self.baseline[rows],
-        )
-
-
 def make_view(
     batch: StepBatch, behavior_logp: Tensor, config: TrainConfig, baseline: Tensor | None
 ) -> LogView:
@@ -163,6 +133,18 @@ def make_view(
     return LogView(
         batch.obs, batch.action, behavior_logp, reward, batch.step, batch.episode_start, baseline
     )
+
+
+def training_view(
+    view: LogView, config: TrainConfig, baseline_of: Callable[[LogView], Tensor] | None
+) -> LogView:
+    """Whole episodes (raw rewards) as trained on: returns-to-go G_t for `per-step`, as in
+    `make_view`, and the baseline b. Applied to each streamed chunk before its steps can be
+    separated."""
+    if config.estimator is EstimatorName.PER_STEP:
+        returns = estimators.discounted_returns(view.reward, view.episode_start, config.gamma)
+        view = dataclasses.replace(view, reward=returns.to(view.reward.dtype))
+    return with_baseline(view, baseline_of)
 
 
 def diagnostic_subset(view: LogView, max_steps: int, generator: torch.Generator) -> LogView:
@@ -198,6 +180,75 @@ def make_batches(view: LogView, config: TrainConfig, start_step: int = 0) -> Ite
                 rows = episode_rows(view.episode_start, chosen.sort().values)
                 yield view.rows(rows, as_steps=False)
         epoch, position = epoch + 1, 0
+
+
+def use_streaming(card: Mapping[str, Any], config: TrainConfig) -> bool:
+    """Stream when asked, or when loading would take more than `memory_budget` GB."""
+    return config.stream or in_memory_bytes(card) > config.memory_budget * 1e9
+
+
+def stream_sample(
+    source: EpisodeSource, train_idx: Tensor, val_idx: Tensor, seed: int
+) -> tuple[StepBatch, Tensor, Tensor]:
+    """A bounded sample of whole training and validation episodes, read into memory for the
+    observation statistics, behavior cloning, the baseline fit and the diagnostics; and the
+    ordinals of its training and of its validation episodes within it."""
+    chosen_train = source.choose(train_idx, STREAM_SAMPLE_STEPS, stream(seed, "sample"))
+    chosen_val = source.choose(val_idx, DIAGNOSTIC_STEPS, stream(seed, "sample", 1))
+    ordinals = torch.cat([chosen_train, chosen_val]).sort().values
+    return (
+        source.read_episodes(ordinals),
+        torch.searchsorted(ordinals, chosen_train),
+        torch.searchsorted(ordinals, chosen_val),
+    )
+
+
+def stream_batches(
+    source: EpisodeSource,
+    train_idx: Tensor,
+    baseline_of: Callable[[LogView], Tensor] | None,
+    config: TrainConfig,
+    context: distributed.Context,
+    start_step: int = 0,
+) -> Iterator[LogView]:
+    """Endless batches streamed from Parquet through the shuffle buffer: this rank's part of
+    the training episodes (its own shards), B/N units per batch on each of N ranks.
+
+    Each chunk of whole episodes is turned into training rows (`training_view`) as it is read,
+    so G_t is computed per whole episode before steps are drawn. Resuming restarts the stream
+    with a fresh seed: the run continues, but is not the uninterrupted run's bit for bit.
+    """
+    as_steps = config.estimator is EstimatorName.PER_STEP
+    keep = torch.zeros(source.n_episodes, dtype=torch.bool)
+    keep[train_idx] = True
+    keep &= rank_episodes(source.shards, context.rank, context.world_size)
+    share = distributed.local_part(
+        config.batch_steps if as_steps else config.batch_episodes, context
+    )
+    capacity = buffer_units(source, config.shuffle_buffer_episodes, as_steps)
+    generator = stream(config.seed, f"stream-batches/{context.rank}", start_step)
+
+    def one_pass(epoch: int) -> Iterator[LogView]:
+        order = torch.randperm(len(source.shards), generator=generator).tolist()
+        return (training_view(chunk, config, baseline_of) for chunk in source.chunks(keep, order))
+
+    return shuffled_batches(
+        one_pass,
+        as_steps=as_steps,
+        size=share.stop - share.start,
+        capacity=max(1, capacity // context.world_size),
+        generator=generator,
+    )
+
+
+def rank_share(view: LogView, config: TrainConfig, context: distributed.Context) -> LogView:
+    """This rank's equal, disjoint part of a global in-memory batch (all of it on one rank)."""
+    if not context.distributed:
+        return view
+    as_steps = config.estimator is EstimatorName.PER_STEP
+    share = distributed.local_part(view.n_rows if as_steps else view.n_episodes, context)
+    index = torch.arange(share.start, share.stop)
+    return view.rows(index, as_steps=True) if as_steps else view.episodes(index)
 
 
 def surrogate(policy: nn.Module, view: LogView, config: TrainConfig) -> tuple[Tensor, Tensor]:
@@ -331,8 +382,8 @@ def save_checkpoint(
     torch.save(
         {
             "spec": policy.spec(),
-            "state_dict": policy.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "state_dict": _to_cpu(policy.state_dict()),
+            "optimizer": _to_cpu(optimizer.state_dict()),
             "step": step,
             "config": as_params(config),
         },
@@ -340,6 +391,17 @@ def save_checkpoint(
     )
     tmp.replace(path)
     return path
+
+
+def _to_cpu(state: Any) -> Any:
+    """A state dict with every tensor on the CPU (nested dicts and lists included)."""
+    if isinstance(state, Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {key: _to_cpu(value) for key, value in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_to_cpu(value) for value in state)
+    return state
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
@@ -350,6 +412,13 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def on_cpu(policy: nn.Module) -> nn.Module:
+    """The policy itself when it lives on the CPU, else a CPU copy (rollouts and OPE)."""
+    if next(policy.parameters()).device.type == "cpu":
+        return policy
+    return copy.deepcopy(policy).cpu()
+
+
 def online_metrics(
     policy: nn.Module, env_id: str | None, config: TrainConfig, prefix: str = "online"
 ) -> dict[str, float]:
@@ -357,6 +426,8 @@ def online_metrics(
     if env_id is None:
         return {}
     from offpg_offline.rollout import evaluate_online
+
+    policy = on_cpu(policy)  # rollouts build CPU tensors
 
     stochastic = evaluate_online(
         policy,
@@ -406,22 +477,34 @@ def train(
     checkpoint's step, and the final parameters equal those of an uninterrupted run bit for bit
     on CPU.
     """
-    tracker = tracker or NullTracker()
+    context = distributed.setup(config.device)
+    tracker = (tracker or NullTracker()) if context.is_main else NullTracker()
+    progress = progress and context.is_main
     torch.set_num_threads(config.threads)
     out_dir = out_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     checkpoint = None if resume is None else load_resumable(resume, config)
     start_step = 0 if checkpoint is None else int(checkpoint["step"])
 
     # Load and split.
+    # Streamed, `batch` is a bounded sample of whole episodes; `*_local` index into `batch`.
     card = read_card(dataset)
-    batch = load_steps(dataset)
+    source = None
+    if use_streaming(card, config):
+        source = EpisodeSource(dataset, logp_column=f"{config.propensity.value}_logp")
+        train_idx, val_idx = split_episodes(
+            source.n_episodes, config.val_fraction, stream(config.seed, "split")
+        )
+        batch, train_local, val_local = stream_sample(source, train_idx, val_idx, config.seed)
+    else:
+        batch = load_steps(dataset)
+        train_idx, val_idx = split_episodes(
+            batch.n_episodes, config.val_fraction, stream(config.seed, "split")
+        )
+        train_local, val_local = train_idx, val_idx
     behavior_logp = behavior_logp_of(batch, config.propensity, dataset)
-    train_idx, val_idx = split_episodes(
-        batch.n_episodes, config.val_fraction, stream(config.seed, "split")
-    )
-    train_rows = episode_rows(batch.episode_start, train_idx)
-    val_rows = episode_rows(batch.episode_start, val_idx)
-    train_batch = batch.episodes(train_idx)
+    train_rows = episode_rows(batch.episode_start, train_local)
+    val_rows = episode_rows(batch.episode_start, val_local)
+    train_batch = batch.episodes(train_local)
     env_id = resolve_env(card, config)
     if checkpoint is None:
         tracker.log_params(as_params(config))
@@ -432,6 +515,9 @@ def train(
                 "dataset": str(card.get("name", dataset.name)),
                 "split.train_episodes": str(len(train_idx)),
                 "split.validation_episodes": str(len(val_idx)),
+                "data.streamed": str(source is not None).lower(),
+                "distributed.world_size": str(context.world_size),
+                "device": str(context.device),
             }
         )
 
@@ -465,8 +551,9 @@ def train(
         tracker.log_metrics(bc_metrics, step=0)
     full_view = make_view(batch, behavior_logp, config, baseline=None)
     train_view = full_view.rows(train_rows, as_steps=False)
-    val_view = full_view.rows(val_rows, as_steps=False) if len(val_idx) else None
-    train_view = with_baseline(train_view, train_batch, behavior_logp[train_rows], config)
+    val_view = full_view.rows(val_rows, as_steps=False) if len(val_local) else None
+    baseline_of = fit_baseline(train_batch, behavior_logp[train_rows], config)
+    train_view = with_baseline(train_view, baseline_of)
     train_probe = diagnostic_subset(train_view, DIAGNOSTIC_STEPS, stream(config.seed, "probe"))
     val_probe = (
         None
@@ -478,37 +565,68 @@ def train(
     selector = (
         None
         if config.select_by is None
-        else Selector(config, batch.episodes(val_idx), behavior_logp[val_rows], train_batch)
+        else Selector(config, batch.episodes(val_local), behavior_logp[val_rows], train_batch)
     )
     checkpoint_every = config.checkpoint_every or (
         max(config.steps // 10, 1) if selector is not None else 0
     )
-    batches = make_batches(train_view, config, start_step)
+    # On `context.device`; with N ranks each takes an equal part of every batch.
+    policy.to(context.device)
+    optimizer.load_state_dict(optimizer.state_dict())  # a resumed Adam state follows the policy
+    distributed.broadcast_parameters(policy, context)
+    train_probe = train_probe.to(context.device)
+    val_probe = None if val_probe is None else val_probe.to(context.device)
+    batches: Iterator[LogView]
+    if source is None:
+        train_view = train_view.to(context.device)
+        batches = (
+            rank_share(view, config, context)
+            for view in make_batches(train_view, config, start_step)
+        )
+    else:
+        streamed = stream_batches(source, train_idx, baseline_of, config, context, start_step)
+        batches = (view.to(context.device) for view in streamed)
     with _progress(progress, config.steps, start_step) as advance:
         for step in range(start_step + 1, config.steps + 1):
             view = next(batches)
             loss, _ = surrogate(policy, view, config)
             optimizer.zero_grad()
             loss.backward()
+            distributed.average_gradients(policy, context)
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm=math.inf)
             optimizer.step()
-            if step % config.log_every == 0 or step == config.steps:
+            logging = step % config.log_every == 0 or step == config.steps
+            if logging and context.distributed:  # the global batch's loss (on every rank)
+                loss = torch.tensor(distributed.mean_over_ranks(loss, context))
+            if logging and context.is_main:
                 metrics.update(step_metrics(loss, grad_norm))
                 metrics.update(log_diagnostics(policy, train_probe, val_probe, config))
                 metrics["train/grad_variance"] = episode_gradient_variance(policy, view, config)
                 tracker.log_metrics(metrics, step=step)
-            if checkpoint_every and step % checkpoint_every == 0:
+            if context.is_main and checkpoint_every and step % checkpoint_every == 0:
                 path = save_checkpoint(
                     out_dir / f"step-{step:06d}.pt", policy, optimizer, step=step, config=config
                 )
                 if selector is not None:
-                    tracker.log_metrics(selector.score(policy, path, step), step=step)
-            if config.eval_every and step % config.eval_every == 0 and step < config.steps:
+                    tracker.log_metrics(selector.score(on_cpu(policy), path, step), step=step)
+            if (
+                context.is_main
+                and config.eval_every
+                and step % config.eval_every == 0
+                and step < config.steps
+            ):
                 tracker.log_metrics(online_metrics(policy, env_id, config), step=step)
             advance(
                 loss=float(loss.detach()), ess=metrics.get("weights/ess_fraction", float("nan"))
             )
 
+    distributed.teardown(context)
+    if not context.is_main:
+        return TrainResult(
+            checkpoint=out_dir / "final.pt",
+            train_episodes=tuple(train_idx.tolist()),
+            validation_episodes=tuple(val_idx.tolist()),
+        )
     final = save_checkpoint(
         out_dir / "final.pt", policy, optimizer, step=config.steps, config=config
     )
@@ -520,7 +638,8 @@ def train(
     selected = selected_step = None
     if selector is not None:
         if config.steps not in selector.scores:
-            tracker.log_metrics(selector.score(policy, final, config.steps), step=config.steps)
+            score = selector.score(on_cpu(policy), final, config.steps)
+            tracker.log_metrics(score, step=config.steps)
         selected_step, source = selector.best()
         selected = out_dir / "selected.pt"
         shutil.copyfile(source, selected)
@@ -538,7 +657,7 @@ def train(
             train_view.behavior_logp,
             train_view.episode_start,
             level="episode" if config.estimator in EPISODIC else "step",
-        )
+        ).cpu()
     return TrainResult(
         checkpoint=final,
         metrics=metrics,
@@ -593,7 +712,7 @@ class Selector:
 
 def load_resumable(path: Path, config: TrainConfig) -> dict[str, Any]:
     """A checkpoint to resume from; one clear sentence when it belongs to another config."""
-    checkpoint = load_checkpoint(path, map_location=None)  # weights_only; refusals: one sentence
+    checkpoint = load_checkpoint(path, map_location="cpu")  # weights_only; refusals: one sentence
     saved = dict(checkpoint.get("config", {}))
     wanted = as_params(config)
     differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
@@ -607,10 +726,19 @@ def load_resumable(path: Path, config: TrainConfig) -> dict[str, Any]:
     return checkpoint
 
 
-def with_baseline(
-    view: LogView, train_batch: StepBatch, behavior_logp: Tensor, config: TrainConfig
-) -> LogView:
-    """Attach b(s_t): a value network fitted on the log, or the mean discounted return."""
+def with_baseline(view: LogView, baseline_of: Callable[[LogView], Tensor] | None) -> LogView:
+    """`view` with b(s_t) attached (unchanged without a baseline)."""
+    if baseline_of is None:
+        return view
+    with torch.no_grad():
+        return dataclasses.replace(view, baseline=baseline_of(view))
+
+
+def fit_baseline(
+    train_batch: StepBatch, behavior_logp: Tensor, config: TrainConfig
+) -> Callable[[LogView], Tensor] | None:
+    """b(s_t) as a function of a view: a value network fitted on the log, or the mean
+    discounted return; None for `--baseline none`."""
     if config.baseline is Baseline.VALUE:
         value = fit_value_baseline(
             make_view(
@@ -622,16 +750,14 @@ def with_baseline(
             config,
             stream(config.seed, "value"),
         )
-        with torch.no_grad():
-            return dataclasses.replace(view, baseline=value(view.obs))
+        return lambda view: value(view.obs)
     if config.baseline is Baseline.CONSTANT:
         returns = estimators.discounted_returns(
             train_batch.reward, train_batch.episode_start, config.gamma
         )
-        return dataclasses.replace(
-            view, baseline=torch.full_like(view.reward, float(returns.mean()))
-        )
-    return view
+        mean_return = float(returns.mean())
+        return lambda view: torch.full_like(view.reward, mean_return)
+    return None
 
 
 class _progress:
@@ -663,3 +789,13 @@ class _progress:
     def __exit__(self, *exc: object) -> None:
         if self.enabled:
             self._bar.__exit__(*exc)
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node=N -m offpg_offline.train DATASET [options]
+    import runpy
+    import sys
+
+    # Each rank runs the `offpg train` command itself, so the options, TOML config and MLflow
+    # tracking (rank 0) are those of the CLI. runpy, not an import: nothing imports the CLI.
+    sys.argv = ["offpg", "train", *sys.argv[1:]]
+    runpy.run_module("offpg_offline.cli")["main"]()
