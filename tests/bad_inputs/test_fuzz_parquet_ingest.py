@@ -1,10 +1,11 @@
 """Property-based fuzzing of `offpg ingest parquet` (the column-mapping path) with hypothesis.
 
 Random foreign logs: episode layouts (lengths, ids reused or out of order, ids as ints, floats
-or strings), column types (ints, floats, strings, booleans), NaN/inf/null values, probabilities
-outside (0, 1], ragged list observations. Whatever the input, the command either writes a
-complete dataset that verifies against its card, or exits 2 with one sentence and writes
-nothing: never a traceback, never a partial dataset, never a leftover temporary folder.
+or strings, one file or two with an episode spanning both), column types (ints, floats,
+strings, booleans), NaN/inf/null values, probabilities outside (0, 1], ragged list
+observations. Whatever the input, the command either writes a complete dataset that verifies
+against its card, or exits 2 with one sentence and writes nothing: never a traceback, never a
+partial dataset, never a leftover temporary folder.
 """
 
 from __future__ import annotations
@@ -95,9 +96,10 @@ def _frame(columns: dict[str, Any]) -> pl.DataFrame | None:
 
 @settings(max_examples=40, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(log=foreign_logs(), suffix=st.sampled_from([".parquet", ".parquet", ".csv"]))
+@given(log=foreign_logs(), suffix=st.sampled_from([".parquet", ".parquet", ".csv"]),
+       split=st.floats(0.0, 1.0))
 def test_random_logs_ingest_completely_or_fail_in_one_sentence(
-    log: tuple[dict[str, Any], list[str]], suffix: str
+    log: tuple[dict[str, Any], list[str]], suffix: str, split: float
 ) -> None:
     columns, options = log
     frame = _frame(columns)
@@ -107,15 +109,18 @@ def test_random_logs_ingest_completely_or_fail_in_one_sentence(
         suffix = ".parquet"  # CSV has no list columns
     folder = Path(tempfile.mkdtemp(prefix="offpg-fuzz-"))
     try:
-        path = folder / f"log{suffix}"
+        cut = int(split * frame.height)  # 0: one file; else two, episodes may span them
+        parts = [frame] if cut == 0 else [frame.head(cut), frame.slice(cut)]
+        paths = [folder / f"log-{i}{suffix}" for i in range(len(parts))]
         try:
-            frame.write_csv(path) if suffix == ".csv" else frame.write_parquet(path)
+            for part, path in zip(parts, paths, strict=True):
+                part.write_csv(path) if suffix == ".csv" else part.write_parquet(path)
         except pl.exceptions.PolarsError:  # e.g. an Object column: not a file a user can have
             return
         out = folder / "ds"
 
-        result = CliRunner().invoke(app, ["ingest", "parquet", str(path), "--out", str(out),
-                                          "--quiet", *options])
+        result = CliRunner().invoke(app, ["ingest", "parquet", *map(str, paths), "--out",
+                                          str(out), "--quiet", *options])
 
         assert "Traceback" not in result.output
         assert isinstance(result.exception, SystemExit | None), repr(result.exception)
