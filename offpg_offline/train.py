@@ -488,13 +488,13 @@ def train(
     # Load and split.
     # Streamed, `batch` is a bounded sample of whole episodes; `*_local` index into `batch`.
     card = read_card(dataset)
-    source = None
+    log_source = None
     if use_streaming(card, config):
-        source = EpisodeSource(dataset, logp_column=f"{config.propensity.value}_logp")
+        log_source = EpisodeSource(dataset, logp_column=f"{config.propensity.value}_logp")
         train_idx, val_idx = split_episodes(
-            source.n_episodes, config.val_fraction, stream(config.seed, "split")
+            log_source.n_episodes, config.val_fraction, stream(config.seed, "split")
         )
-        batch, train_local, val_local = stream_sample(source, train_idx, val_idx, config.seed)
+        batch, train_local, val_local = stream_sample(log_source, train_idx, val_idx, config.seed)
     else:
         batch = load_steps(dataset)
         train_idx, val_idx = split_episodes(
@@ -515,7 +515,7 @@ def train(
                 "dataset": str(card.get("name", dataset.name)),
                 "split.train_episodes": str(len(train_idx)),
                 "split.validation_episodes": str(len(val_idx)),
-                "data.streamed": str(source is not None).lower(),
+                "data.streamed": str(log_source is not None).lower(),
                 "distributed.world_size": str(context.world_size),
                 "device": str(context.device),
             }
@@ -577,14 +577,14 @@ def train(
     train_probe = train_probe.to(context.device)
     val_probe = None if val_probe is None else val_probe.to(context.device)
     batches: Iterator[LogView]
-    if source is None:
+    if log_source is None:
         train_view = train_view.to(context.device)
         batches = (
             rank_share(view, config, context)
             for view in make_batches(train_view, config, start_step)
         )
     else:
-        streamed = stream_batches(source, train_idx, baseline_of, config, context, start_step)
+        streamed = stream_batches(log_source, train_idx, baseline_of, config, context, start_step)
         batches = (view.to(context.device) for view in streamed)
     with _progress(progress, config.steps, start_step) as advance:
         for step in range(start_step + 1, config.steps + 1):

@@ -16,7 +16,7 @@ at least N of them, else every N-th episode.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -96,19 +96,22 @@ class LogView:
 
     def to(self, device: torch.device | str) -> LogView:
         """A copy with every tensor on `device` (no copy for tensors already there)."""
-        return LogView(*(None if t is None else t.to(device) for t in _tensors(self)))
-
-
-def _tensors(view: LogView) -> list[Tensor | None]:
-    return [getattr(view, f.name) for f in fields(view)]
+        moved: dict[str, Tensor | None] = {}
+        for f in fields(self):
+            tensor = getattr(self, f.name)
+            moved[f.name] = None if tensor is None else tensor.to(device)
+        return LogView(**moved)  # type: ignore[arg-type]  # only `baseline` may be None
 
 
 def concat(views: Sequence[LogView]) -> LogView:
     """Views laid end to end (each starts with an episode start, so episodes stay whole)."""
     if len(views) == 1:
         return views[0]
-    columns = zip(*(_tensors(view) for view in views), strict=True)
-    return LogView(*(None if parts[0] is None else torch.cat(parts) for parts in columns))
+    joined: dict[str, Tensor | None] = {}
+    for f in fields(LogView):
+        parts = [getattr(view, f.name) for view in views]
+        joined[f.name] = None if parts[0] is None else torch.cat(parts)
+    return LogView(**joined)  # type: ignore[arg-type]  # only `baseline` may be None
 
 
 # --- sizes ------------------------------------------------------------------------------------
@@ -406,7 +409,7 @@ def shuffled_batches(
 
 def _drain(
     pool: LogView, size: int, at_least: int, as_steps: bool, generator: torch.Generator
-) -> Iterator[LogView]:
+) -> Generator[LogView, None, LogView]:
     """Yield ⌊at_least / size⌋ (≥ 1) random batches from `pool`; return what is left."""
     units = pool.n_episodes
     order = torch.randperm(units, generator=generator)
