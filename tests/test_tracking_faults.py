@@ -89,6 +89,7 @@ def test_server_killed_mid_run_keeps_checkpoints_and_metrics_for_a_later_upload(
     finally:
         tracking.stop_server(server)
 
+    print(f"training ended {finished_after:.1f} s after the server was killed")
     (folder,) = (tmp_path / "runs").iterdir()
     run_id = folder.name
     assert training.returncode == 2, (stdout, stderr)
