@@ -135,3 +135,56 @@ def test_ui_listens_on_localhost_unless_host_is_given() -> None:
     assert host.default == "127.0.0.1"
     line = server_command("sqlite:////tmp/x.db", host=host.default, port=5000)
     assert line[line.index("--host") + 1] == "127.0.0.1"
+
+
+def _listening(port: int) -> set[str]:
+    """Local IPv4 addresses with a socket listening on `port` (from /proc/net/tcp)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:
+            found.add(".".join(str(b) for b in reversed(bytes.fromhex(address))))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc/net/tcp")
+def test_offpg_ui_listens_only_on_loopback(tmp_path: Path) -> None:
+    import contextlib
+    import os
+    import re
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    log = tmp_path / "ui.out"
+    with log.open("wb") as out:
+        ui = subprocess.Popen([sys.executable, "-c", "from offpg_offline.cli import main; main()",
+                               "ui", "--port", str(port)], cwd=tmp_path, env=env, stdout=out,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    server_pid = None
+    try:
+        deadline = time.monotonic() + 120
+        while (found := re.search(r"server pid (\d+)", log.read_text())) is None:
+            assert ui.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        server_pid = int(found.group(1))
+        assert _listening(port) == {"127.0.0.1"}
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(ui.pid, signal.SIGTERM)
+        try:
+            ui.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(ui.pid, signal.SIGKILL)
+            ui.wait()
+        if server_pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(server_pid, signal.SIGKILL)
