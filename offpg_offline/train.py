@@ -593,9 +593,10 @@ def train(
             optimizer.zero_grad()
             loss.backward()
             distributed.average_gradients(policy, context)
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm=math.inf)
-            optimizer.step()
             logging = step % config.log_every == 0 or step == config.steps
+            if logging:  # the norm is only logged: computed on logging steps alone
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), math.inf)
+            optimizer.step()
             if logging and context.distributed:  # the global batch's loss (on every rank)
                 loss = torch.tensor(distributed.mean_over_ranks(loss, context))
             if logging and context.is_main:

@@ -1,14 +1,17 @@
 """Training throughput: `offpg_offline.train.train` against a bare torch loop, same run.
 
-The trainer's per-step cost is isolated as (T(2N steps) − T(N steps)) / N, so loading, behavior
-cloning, the value baseline and the final online evaluation cancel, while everything the loop
-does every step (batching, the surrogate with its options, the periodic diagnostics at the
-default `log_every`) is counted. The baseline is a bare loop: the same policy network, the same
-batch of steps, Adam, and the clipped per-step surrogate written inline. One torch thread.
+The trainer's per-step cost is timed inside its loop, from the metrics of step `log_every` to
+those of the last step (a tracker notes when they arrive), so loading, behavior cloning, the
+value baseline and the final online evaluation are left out, while everything the loop does
+every step (batching, the surrogate with its options, the periodic diagnostics at the default
+`log_every`) is counted. (Differencing runs of N and 2N steps let the online evaluation's
+noise swamp the loop on a loaded machine.) The baseline is a bare loop: the same policy network,
+the same batch of steps, Adam, and the clipped per-step surrogate written inline. One torch
+thread.
 
     python scripts/bench_train.py [--dataset datasets/cartpole-eps] [--steps 200]
 
-Goal: ratio (ours / bare) ≥ 0.7.
+Goal: ratio (ours / bare) ≥ 0.8 (issue 7).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import dataclasses
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -27,7 +31,7 @@ from offpg_offline.data.spaces import space_from_json
 from offpg_offline.data.store import read_card
 from offpg_offline.estimators import discounted_returns
 from offpg_offline.policies import make_policy
-from offpg_offline.train import train
+from offpg_offline.train import NullTracker, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,15 +63,26 @@ def bare_loop(dataset: Path, config: TrainConfig, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+class _StepClock(NullTracker):
+    """Notes when each step's first metrics arrive: the loop's own clock, without loading,
+    behavior cloning, the baseline fit, checkpoints or the final online evaluation."""
+
+    def __init__(self) -> None:
+        self.times: dict[int, float] = {}
+
+    def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
+        self.times.setdefault(step, time.perf_counter())
+
+
 def trainer_step(dataset: Path, config: TrainConfig, steps: int) -> float:
-    """Seconds per step of the trainer, by differencing runs of N and 2N steps."""
+    """Seconds per step of the trainer's loop, from the step-`log_every` metrics to the last
+    step's (diagnostics every `log_every` steps included)."""
+    clock = _StepClock()
     with tempfile.TemporaryDirectory() as scratch:
-        times = []
-        for n in (steps, 2 * steps):
-            start = time.perf_counter()
-            train(dataset, dataclasses.replace(config, steps=n), out_dir=Path(scratch) / str(n))
-            times.append(time.perf_counter() - start)
-    return (times[1] - times[0]) / steps
+        train(dataset, dataclasses.replace(config, steps=steps), tracker=clock,
+              out_dir=Path(scratch))
+    first = config.log_every
+    return (clock.times[steps] - clock.times[first]) / (steps - first)
 
 
 def main() -> None:
@@ -93,7 +108,7 @@ def main() -> None:
         f"offpg trainer   : {config.batch_steps / ours:10.0f} transitions/s "
         f"({ours * 1e3:.2f} ms/step, diagnostics every {config.log_every} steps included)"
     )
-    print(f"ratio (ours / bare): {bare / ours:.2f}  (goal >= 0.7)")
+    print(f"ratio (ours / bare): {bare / ours:.2f}  (goal >= 0.8)")
 
 
 if __name__ == "__main__":

@@ -77,17 +77,24 @@ class LogView:
 
     def rows(self, rows: Tensor, *, as_steps: bool) -> LogView:
         """A sub-view; `as_steps` makes every row its own one-step episode (per-step batches)."""
-        step, start = self.step[rows], self.episode_start[rows]
+        rows = rows.to(self.step.device)
+
+        def pick(tensor: Tensor) -> Tensor:  # index_select: a third of `tensor[rows]`'s cost
+            return tensor.index_select(0, rows)
+
         if as_steps:
-            step, start = torch.zeros_like(step), torch.ones_like(start)
+            step = torch.zeros(len(rows), dtype=self.step.dtype, device=self.step.device)
+            start = torch.ones(len(rows), dtype=torch.bool, device=self.step.device)
+        else:
+            step, start = pick(self.step), pick(self.episode_start)
         return LogView(
-            self.obs[rows],
-            self.action[rows],
-            self.behavior_logp[rows],
-            self.reward[rows],
+            pick(self.obs),
+            pick(self.action),
+            pick(self.behavior_logp),
+            pick(self.reward),
             step,
             start,
-            None if self.baseline is None else self.baseline[rows],
+            None if self.baseline is None else pick(self.baseline),
         )
 
     def episodes(self, index: Tensor) -> LogView:
