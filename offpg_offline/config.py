@@ -109,7 +109,7 @@ class TrainConfig:
         default=False, metadata={"help": "Standardise returns G_t over the batch."}
     )
     kl_coef: float = field(
-        default=0.0, metadata={"help": "Weight of the KL(π_θ‖π_β) penalty on logged states."}
+        default=2.0, metadata={"help": "Weight of the KL(π_θ‖π_β) penalty on logged states."}
     )
     ppo_epsilon: float | None = field(
         default=None, metadata={"help": "PPO-style clip of ρ_t to [1-ε, 1+ε] (per-step)."}
