@@ -5,7 +5,7 @@ worked best for it) is trained with several seeds; the resulting policy is evalu
 over 20 seeded episodes (stochastic and greedy). The behavior policy's return comes from the
 log; behavior cloning's from the BC start of the same runs (`bc/return_mean`).
 
-    python scripts/bench_quality.py                      # the README table (~25 min on 2 idle cores)
+    python scripts/bench_quality.py        # the README table (~25 min on 2 idle cores)
     python scripts/bench_quality.py --datasets cartpole-weak --seeds 0 --configs default
 
 Prints a Markdown table and writes it with the raw numbers to --out (JSON).
