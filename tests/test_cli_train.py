@@ -40,7 +40,7 @@ def test_train_records_params_metrics_input_and_checkpoint(workdir: Path) -> Non
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
     experiment = client.get_experiment_by_name("cartpole-weak")
     (run,) = client.search_runs([experiment.experiment_id])
-    assert run.info.run_name == "per-decision-clip3-step-s0"
+    assert run.info.run_name == "per-decision-clip3-step-kl2-s0"
     assert run.data.params["estimator"] == "per-decision"
     assert run.data.params["clip"] == "3.0"
     assert run.data.tags["propensity"] == "logged"

@@ -138,7 +138,7 @@ def test_runs_are_read_back_from_the_server(
     for estimator, run_id in trained.items():
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
-        assert run.info.run_name == f"{estimator}-clip2-step-s0"
+        assert run.info.run_name == f"{estimator}-clip2-step-kl2-s0"
         expected = as_params(TrainConfig(estimator=estimator, steps=10, init="random",
                                          baseline="none", eval_episodes=2))
         assert run.data.params == {k: str(v) for k, v in expected.items()}
@@ -258,7 +258,7 @@ def test_ui_shows_the_runs_in_a_headless_browser(
 
     experiment_id = MlflowClient(tracking_uri=server["base"]).get_experiment_by_name(
         "cartpole-weak").experiment_id
-    names = [f"{estimator}-clip2-step-s0" for estimator in ESTIMATORS]
+    names = [f"{estimator}-clip2-step-kl2-s0" for estimator in ESTIMATORS]
     ARTIFACTS.mkdir(exist_ok=True)
 
     runs_page = experiment_url(server["base"], experiment_id)

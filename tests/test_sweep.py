@@ -42,8 +42,8 @@ def test_sweep_nests_one_child_per_estimator_and_seed(
     assert {r.data.params["lr"] for r in children} == {"0.01"}  # a one-value grid sets it
     assert {r.data.params["steps"] for r in children} == {"3"}
     assert sorted(r.info.run_name for r in children) == [
-        "per-decision-clip2-step-s0", "per-decision-clip2-step-s1",
-        "per-step-clip2-step-s0", "per-step-clip2-step-s1"]
+        "per-decision-clip2-step-kl2-s0", "per-decision-clip2-step-kl2-s1",
+        "per-step-clip2-step-kl2-s0", "per-step-clip2-step-kl2-s1"]
     assert all(r.info.status == "FINISHED" and r.outputs.model_outputs for r in children)
     # The summary: two configurations of two seeds each, plot logged to the parent.
     ranked = [line.split() for line in result.output.splitlines() if line[:2] in ("1 ", "2 ")]
