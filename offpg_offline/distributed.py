@@ -10,7 +10,8 @@ its own part of every batch. After each backward pass the gradients are averaged
 
 When L is a mean over the units (episodes, or steps for `per-step`) and every rank holds the
 same number of them, g is the gradient of the global batch: N processes reproduce the
-1-process run up to float rounding. Batch-wide statistics (self-normalised weights,
+1-process run up to float rounding. The KL penalty, a mean over rows, is reweighted by
+`row_weight` on each rank for the same reason. Batch-wide statistics (self-normalised weights,
 standardised returns, PSIS) are then taken per rank instead of over the global batch.
 Metrics, checkpoints and tracking happen on rank 0 only.
 """
@@ -123,6 +124,18 @@ def mean_over_ranks(value: Tensor, context: Context) -> float:
     total = value.detach().reshape(1).to(torch.float64).clone()
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return float(total) / context.world_size
+
+
+def row_weight(n_rows: int, context: Context) -> float:
+    """N · M_r / M: the factor that makes a per-rank mean over rows (the KL penalty) average
+    over ranks to the mean over the global batch's M rows, when ranks hold unequal row counts
+    (whole episodes of different lengths). One all-reduce of the row count; 1 on one process.
+    """
+    if not context.distributed:
+        return 1.0
+    total = torch.tensor([n_rows], dtype=torch.int64, device=context.device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return context.world_size * n_rows / int(total)
 
 
 def local_part(n_units: int, context: Context) -> slice:

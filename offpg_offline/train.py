@@ -251,8 +251,13 @@ def rank_share(view: LogView, config: TrainConfig, context: distributed.Context)
     return view.rows(index, as_steps=True) if as_steps else view.episodes(index)
 
 
-def surrogate(policy: nn.Module, view: LogView, config: TrainConfig) -> tuple[Tensor, Tensor]:
-    """The chosen estimator's loss on `view` (+ the KL penalty), and log π_θ(a_t|s_t)."""
+def surrogate(
+    policy: nn.Module, view: LogView, config: TrainConfig, *, kl_weight: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """The chosen estimator's loss on `view` (+ the KL penalty), and log π_θ(a_t|s_t).
+
+    The KL penalty is a mean over rows; `kl_weight` rescales it on one rank of N so that the
+    ranks' mean is the global batch's (see `distributed.row_weight`)."""
     target_logp = policy.log_prob(view.obs, view.action)
     per_step = config.estimator is EstimatorName.PER_STEP
     loss = estimators.ESTIMATORS[config.estimator.value](
@@ -271,7 +276,8 @@ def surrogate(policy: nn.Module, view: LogView, config: TrainConfig) -> tuple[Te
         psis=config.psis,
     )
     if config.kl_coef > 0:
-        loss = loss + config.kl_coef * estimators.kl_penalty(target_logp, view.behavior_logp)
+        kl = estimators.kl_penalty(target_logp, view.behavior_logp)
+        loss = loss + config.kl_coef * kl_weight * kl
     return loss, target_logp
 
 
@@ -589,7 +595,8 @@ def train(
     with _progress(progress, config.steps, start_step) as advance:
         for step in range(start_step + 1, config.steps + 1):
             view = next(batches)
-            loss, _ = surrogate(policy, view, config)
+            kl_weight = distributed.row_weight(view.n_rows, context) if config.kl_coef else 1.0
+            loss, _ = surrogate(policy, view, config, kl_weight=kl_weight)
             optimizer.zero_grad()
             loss.backward()
             distributed.average_gradients(policy, context)

@@ -46,19 +46,24 @@ class TagRecorder(NullTracker):
         self.metrics.update(metrics)
 
 
-def _gradient(policy: torch.nn.Module, view, config: TrainConfig) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def _gradient(policy: torch.nn.Module, view, config: TrainConfig, kl_weight: float = 1.0):  # type: ignore[no-untyped-def]
     policy.zero_grad()
-    loss, _ = surrogate(policy, view, config)
+    loss, _ = surrogate(policy, view, config, kl_weight=kl_weight)
     loss.backward()
     return torch.cat([p.grad.flatten() for p in policy.parameters()])
 
 
+@pytest.mark.parametrize("kl_coef", [0.0, 2.0])
 @pytest.mark.parametrize("estimator", list(EstimatorName))
-def test_mean_of_rank_gradients_is_the_global_batch_gradient(estimator: EstimatorName) -> None:
+def test_mean_of_rank_gradients_is_the_global_batch_gradient(
+    estimator: EstimatorName, kl_coef: float
+) -> None:
     # The identity data-parallel training rests on: each surrogate is a mean over its units
     # (episodes, or steps for per-step), so with equal shares the average of the N ranks'
-    # gradients is the gradient on the global batch. float32 sums in two orders: rtol 1e-5.
+    # gradients is the gradient on the global batch; the KL penalty, a mean over rows, is
+    # weighted by N·M_r/M (`distributed.row_weight`). float32 sums in two orders: rtol 1e-5.
     config = TrainConfig(
+        kl_coef=kl_coef,
         estimator=estimator,
         batch_episodes=8,
         batch_steps=64,
@@ -84,7 +89,10 @@ def test_mean_of_rank_gradients_is_the_global_batch_gradient(estimator: Estimato
     shares = [rank_share(global_batch, config, Context(rank, 4, rank, CPU)) for rank in range(4)]
     units = [s.n_rows if estimator is EstimatorName.PER_STEP else s.n_episodes for s in shares]
     assert units == [len(units) and (64 if estimator is EstimatorName.PER_STEP else 8) // 4] * 4
-    averaged = torch.stack([_gradient(policy, share, config) for share in shares]).mean(0)
+    weights = [4 * share.n_rows / global_batch.n_rows for share in shares]
+    averaged = torch.stack(
+        [_gradient(policy, share, config, w) for share, w in zip(shares, weights, strict=True)]
+    ).mean(0)
     torch.testing.assert_close(averaged, whole, rtol=1e-5, atol=1e-7)
 
 
