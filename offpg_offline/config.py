@@ -145,7 +145,7 @@ class TrainConfig:
         default=1024,
         metadata={"help": "Episodes held in the streaming shuffle buffer."},
     )
-    log_every: int = field(default=25, metadata={"help": "Log diagnostics every N steps."})
+    log_every: int = field(default=50, metadata={"help": "Log diagnostics every N steps."})
     checkpoint_every: int = field(
         default=0, metadata={"help": "Save a checkpoint every N steps (0: only at the end)."}
     )

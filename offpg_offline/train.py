@@ -85,7 +85,7 @@ class TrainResult:
     selected_step: int | None = None  # log-weights on the training split at the end
 
 
-DIAGNOSTIC_STEPS = 8192  # rows of whole episodes on which periodic diagnostics are computed
+DIAGNOSTIC_STEPS = 4096  # rows of whole episodes on which periodic diagnostics are computed
 STREAM_SAMPLE_STEPS = 1 << 17  # rows of whole episodes read into memory when streaming
 EPISODIC = {EstimatorName.TRAJECTORY, EstimatorName.PER_DECISION, EstimatorName.PAST_WEIGHT}
 

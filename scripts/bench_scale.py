@@ -3,7 +3,7 @@
 Generates logs of 10⁴ … 10⁷ steps with numpy into a temporary folder (never in git): episodes
 of 50–150 steps, 4-dimensional observations, two actions, a uniform behavior policy. For each
 size, one epoch of `per-step` training (rows / batch_steps gradient steps, no validation split,
-diagnostics every 25 steps as by default) runs in a fresh subprocess, which reports the time of
+diagnostics every 50 steps as by default) runs in a fresh subprocess, which reports the time of
 `train()` and its peak resident set size (ru_maxrss); the best time of --repeats runs counts.
 Streaming runs at every size; the in-memory trainer up to --memory-max-steps. The slope of
 log(time) on log(steps) is fitted by least squares, over all sizes and from 10⁵ steps on (the
