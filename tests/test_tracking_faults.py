@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from offpg_offline import tracking
 from offpg_offline.cli import app
+from offpg_offline.config import TrainConfig
 
 WEAK = Path(__file__).resolve().parents[1] / "datasets" / "cartpole-weak"
 STEPS = 150
@@ -101,7 +102,8 @@ def test_server_killed_mid_run_keeps_checkpoints_and_metrics_for_a_later_upload(
     assert finished_after < 60  # short HTTP retries: no long hang on the dead server
     records = [json.loads(x) for x in (folder / "unsent-metrics.jsonl").read_text().splitlines()]
     losses = {r["step"] for r in records if r.get("key") == "train/loss"}
-    assert losses == {*range(25, STEPS, 25), STEPS}  # every logged step was kept
+    every = TrainConfig().log_every
+    assert losses == {*range(every, STEPS, every), STEPS}  # every logged step was kept
 
     server = _server(tmp_path, port)  # back, on the same port and store
     try:
