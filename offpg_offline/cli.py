@@ -287,12 +287,8 @@ def train(
             run_name=_run_name(run.train),
         ) as tracker:
             tracker.fallback_dir = out_dir or tracker.fallback_dir  # beside the checkpoints
-            tracker.log_dataset(dataset, card)
-            tracker.log_text(_to_toml(run), "config.toml")
-            result = train_job.train(dataset, run.train, tracker=tracker,
-                                     out_dir=out_dir or Path("runs") / tracker.run_id,
-                                     progress=True)
-            _record_run(tracker, dataset, card, run.train, result)  # plots, model (compare section)
+            result = _train_recorded(tracker, dataset, card, run,
+                                     out_dir or Path("runs") / tracker.run_id, progress=True)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
     summary = [f"run {tracker.run_id} ({_run_name(run.train)})"]
@@ -332,6 +328,19 @@ def _launch_torchrun(dataset: Path, run: RunConfig, nproc: int, out_dir: Path | 
     if code:
         fail(f"torchrun exited with status {code} (see the rank messages above)")
     raise typer.Exit(0)
+
+
+def _train_recorded(tracker: Any, dataset: Path, card: dict[str, Any], run: RunConfig,
+                    out_dir: Path, *, progress: bool) -> Any:
+    """One recorded training run: dataset input, config TOML, training, then plots and model."""
+    from offpg_offline import train as train_job
+
+    tracker.log_dataset(dataset, card)
+    tracker.log_text(_to_toml(run), "config.toml")
+    result = train_job.train(dataset, run.train, tracker=tracker, out_dir=out_dir,
+                             progress=progress)
+    _record_run(tracker, dataset, card, run.train, result)  # plots, model (compare section)
+    return result
 
 
 def _resume(dataset: Path, run_id: str, out_dir: Path | None, given: list[str]) -> None:
@@ -781,7 +790,6 @@ def sweep(
         fail(f"{dataset} is not a dataset folder (no dataset.json); create one with `offpg ingest`")
 
     from offpg_offline import tracking
-    from offpg_offline import train as train_job
     from offpg_offline.data.store import read_card
 
     card = read_card(dataset)
@@ -804,12 +812,8 @@ def sweep(
                     child_tracking, experiment=name, run_name=run_name,
                     tags={"mlflow.parentRunId": parent.run_id},
                 ) as child:
-                    child.log_dataset(dataset, card)
-                    child.log_text(_to_toml(RunConfig(train_config, child_tracking)),
-                                   "config.toml")
-                    result = train_job.train(dataset, train_config, tracker=child,
-                                             out_dir=(out_dir or Path("runs")) / child.run_id)
-                    _record_run(child, dataset, card, train_config, result)
+                    _train_recorded(child, dataset, card, RunConfig(train_config, child_tracking),
+                                    (out_dir or Path("runs")) / child.run_id, progress=False)
             runs = tracking.find_runs(parent.client, parent.experiment_id,
                                       parent_run_id=parent.run_id)
             typer.echo(f"sweep {parent.run_id}: {len(runs)} child runs")
