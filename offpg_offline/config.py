@@ -6,7 +6,12 @@ Only the standard library is imported here, so `offpg --help` does not load torc
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import os
 import tomllib
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -65,161 +70,128 @@ class Init(StrEnum):
 SELECT_ESTIMATORS = ("is", "wis", "pdis", "wpdis", "dr", "wdr", "fqe")  # = ope.ESTIMATE_NAMES
 
 
-def _positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+INT64 = 2**63  # every integer option fits a signed 64-bit integer (torch, numpy, Arrow)
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    flag: str | None = None,
+) -> Any:
+    """A config field: its default, its help text and the bounds `validate` checks.
+
+    The CLI option (`--name-with-dashes`, or `flag`) is generated from this field; bounds on a
+    `tuple[int, ...]` field apply to each item.
+    """
+    checks = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "flag": flag}
+    metadata = {"help": help, **{k: v for k, v in checks.items() if v is not None}}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True, slots=True)
 class TrainConfig:
     """Everything `offpg train` needs; each field is logged as an MLflow param."""
 
-    estimator: EstimatorName = field(
-        default=EstimatorName.PER_STEP,
-        metadata={
-            "help": "Surrogate of DESIGN.md §3 (default chosen by scripts/bench_quality.py)."
-        },
+    estimator: EstimatorName = option(
+        EstimatorName.PER_STEP,
+        "Surrogate of docs/design.md (default chosen by scripts/bench_quality.py).",
     )
-    propensity: Propensity = field(
-        default=Propensity.LOGGED, metadata={"help": "Column giving log π_β(a|s)."}
+    propensity: Propensity = option(Propensity.LOGGED, "Column giving log π_β(a|s).")
+    gamma: float = option(0.99, "Discount γ in [0, 1].", ge=0.0, le=1.0)
+    steps: int = option(1000, "Gradient steps.", gt=0)
+    lr: float = option(1e-3, "Adam learning rate.", gt=0.0)
+    batch_episodes: int = option(
+        32, "Whole episodes per batch (trajectory, per-decision, past-weight).", gt=0, lt=2**31
     )
-    gamma: float = field(default=0.99, metadata={"help": "Discount γ in [0, 1]."})
-    steps: int = field(default=1000, metadata={"help": "Gradient steps."})
-    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate."})
-    batch_episodes: int = field(
-        default=32,
-        metadata={"help": "Whole episodes per batch (trajectory, per-decision, past-weight)."},
+    batch_steps: int = option(2048, "Steps per batch (per-step).", gt=0, lt=2**31)
+    hidden: tuple[int, ...] = option(
+        (64, 64), "MLP hidden sizes, e.g. 64,64 (each at most 65536).", gt=0, le=65536
     )
-    batch_steps: int = field(default=2048, metadata={"help": "Steps per batch (per-step)."})
-    hidden: tuple[int, ...] = field(default=(64, 64), metadata={"help": "MLP hidden sizes."})
-    policy: PolicyKind = field(default=PolicyKind.AUTO, metadata={"help": "Target-policy family."})
-    clip: float | None = field(
-        default=2.0, metadata={"help": "Cap c on importance weights (applied in log space)."}
+    policy: PolicyKind = option(PolicyKind.AUTO, "Target-policy family.")
+    clip: float | None = option(
+        2.0, "Cap c on importance weights (applied in log space); none: no cap.", gt=0.0
     )
-    clip_mode: ClipMode = field(
-        default=ClipMode.STEP, metadata={"help": "Cap each ratio ρ_t, or the cumulative weight."}
+    clip_mode: ClipMode = option(ClipMode.STEP, "Cap each ratio ρ_t, or the cumulative weight.")
+    self_normalize: bool = option(False, "Weighted IS: divide by the batch mean weight.")
+    baseline: Baseline = option(Baseline.VALUE, "Baseline b subtracted from G_t.")
+    standardize_returns: bool = option(False, "Standardise returns G_t over the batch.")
+    kl_coef: float = option(2.0, "Weight of the KL(π_θ‖π_β) penalty on logged states.", ge=0.0)
+    ppo_epsilon: float | None = option(
+        None, "PPO-style clip of ρ_t to [1-ε, 1+ε] (per-step); none: off.", gt=0.0, lt=1.0
     )
-    self_normalize: bool = field(
-        default=False, metadata={"help": "Weighted IS: divide by the batch mean weight."}
+    psis: bool = option(False, "Pareto-smooth the importance weights.")
+    init: Init = option(Init.BC, "Start from random weights or BC.")
+    bc_steps: int = option(300, "Gradient steps of behavior cloning for --init bc.", ge=0)
+    val_fraction: float = option(
+        0.2, "Fraction of episodes held out for validation.", ge=0.0, lt=1.0
     )
-    baseline: Baseline = field(
-        default=Baseline.VALUE, metadata={"help": "Baseline b subtracted from G_t."}
+    seed: int = option(0, "Seed for torch, the split and batch order.", ge=0)
+    threads: int = option(1, "torch CPU threads (1 is fastest for small MLPs).", gt=0, le=4096)
+    device: str = option(
+        "auto", "auto (the GPU when CUDA is available), cpu or cuda.",
+        choices=("auto", "cpu", "cuda"),
     )
-    standardize_returns: bool = field(
-        default=False, metadata={"help": "Standardise returns G_t over the batch."}
+    stream: bool = option(
+        False,
+        "Stream the log from Parquet instead of loading it (always when the log exceeds "
+        "memory_budget).",
     )
-    kl_coef: float = field(
-        default=2.0, metadata={"help": "Weight of the KL(π_θ‖π_β) penalty on logged states."}
+    memory_budget: float = option(
+        2.0, "GB the in-memory trainer may use; larger logs are streamed.", gt=0.0
     )
-    ppo_epsilon: float | None = field(
-        default=None, metadata={"help": "PPO-style clip of ρ_t to [1-ε, 1+ε] (per-step)."}
+    shuffle_buffer_episodes: int = option(
+        1024, "Episodes held in the streaming shuffle buffer.", gt=0, lt=2**31
     )
-    psis: bool = field(default=False, metadata={"help": "Pareto-smooth the importance weights."})
-    init: Init = field(default=Init.BC, metadata={"help": "Start from random weights or BC."})
-    bc_steps: int = field(
-        default=300, metadata={"help": "Gradient steps of behavior cloning for --init bc."}
+    log_every: int = option(50, "Log diagnostics every N steps.", gt=0)
+    checkpoint_every: int = option(
+        0, "Save a checkpoint every N steps (0: only at the end).", ge=0
     )
-    val_fraction: float = field(
-        default=0.2, metadata={"help": "Fraction of episodes held out for validation."}
+    eval_every: int = option(0, "Online evaluation every N steps (0: only at the end).", ge=0)
+    eval_episodes: int = option(10, "Seeded episodes per online evaluation.", gt=0, le=10**6)
+    select_by: str | None = option(
+        None,
+        "Choose the checkpoint to ship by this OPE score on the validation split: is, wis, "
+        "pdis, wpdis, dr, wdr or fqe, optionally + _ci_low or _lb; none: the final one.",
     )
-    seed: int = field(default=0, metadata={"help": "Seed for torch, the split and batch order."})
-    threads: int = field(
-        default=1, metadata={"help": "torch CPU threads (1 is fastest for small MLPs)."}
-    )
-    device: str = field(
-        default="auto",
-        metadata={"help": "auto (the GPU when CUDA is available), cpu or cuda."},
-    )
-    stream: bool = field(
-        default=False,
-        metadata={
-            "help": "Stream the log from Parquet instead of loading it (always when the "
-            "log exceeds memory_budget)."
-        },
-    )
-    memory_budget: float = field(
-        default=2.0,
-        metadata={"help": "GB the in-memory trainer may use; larger logs are streamed."},
-    )
-    shuffle_buffer_episodes: int = field(
-        default=1024,
-        metadata={"help": "Episodes held in the streaming shuffle buffer."},
-    )
-    log_every: int = field(default=50, metadata={"help": "Log diagnostics every N steps."})
-    checkpoint_every: int = field(
-        default=0, metadata={"help": "Save a checkpoint every N steps (0: only at the end)."}
-    )
-    eval_every: int = field(
-        default=0, metadata={"help": "Online evaluation every N steps (0: only at the end)."}
-    )
-    eval_episodes: int = field(
-        default=10, metadata={"help": "Seeded episodes per online evaluation."}
-    )
-    select_by: str | None = field(
-        default=None,
-        metadata={
-            "help": "Choose the checkpoint to ship by this OPE score on the validation "
-            "split: is, wis, pdis, wpdis, dr, wdr or fqe, optionally + _ci_low or _lb."
-        },
-    )
-    env: str | None = field(
-        default=None,
-        metadata={"help": "gymnasium env id for online evaluation (default: the card's)."},
+    env: str | None = option(
+        None, "gymnasium env id for online evaluation (default: the card's)."
     )
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ValueError(f"gamma must lie in [0, 1], got {self.gamma}")
-        for name in (
-            "steps",
-            "lr",
-            "batch_episodes",
-            "batch_steps",
-            "eval_episodes",
-            "threads",
-            "log_every",
-            "memory_budget",
-            "shuffle_buffer_episodes",
-        ):
-            _positive(name, getattr(self, name))
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be one of auto, cpu, cuda, got {self.device!r}")
-        if self.clip is not None:
-            _positive("clip", self.clip)
-        if self.ppo_epsilon is not None and not 0.0 < self.ppo_epsilon < 1.0:
-            raise ValueError(f"ppo_epsilon must lie in (0, 1), got {self.ppo_epsilon}")
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
-        if self.checkpoint_every < 0 or self.eval_every < 0 or self.bc_steps < 0:
-            raise ValueError("checkpoint_every, eval_every and bc_steps must be >= 0")
+        validate(self)
         if self.select_by is not None:
             name = self.select_by.removesuffix("_ci_low").removesuffix("_lb")
             if name not in SELECT_ESTIMATORS:
-                raise ValueError(
-                    f"select_by must be one of {', '.join(SELECT_ESTIMATORS)} "
-                    f"(optionally with _ci_low or _lb), got {self.select_by!r}"
+                raise ConfigError(
+                    "select_by",
+                    f"must be one of {', '.join(SELECT_ESTIMATORS)} "
+                    f"(optionally with _ci_low or _lb), got {self.select_by!r}",
                 )
             if self.val_fraction == 0:
-                raise ValueError("select_by needs a validation split: set val_fraction > 0")
-        if not self.hidden or any(h <= 0 for h in self.hidden):
-            raise ValueError(
-                f"hidden must be a non-empty list of positive sizes, got {self.hidden}"
-            )
+                raise ConfigError(
+                    "select_by", "needs a validation split: set val_fraction > 0"
+                )
 
 
 @dataclass(frozen=True, slots=True)
 class TrackingConfig:
     """Where runs are recorded. `uri=None` means $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""
 
-    uri: str | None = field(default=None, metadata={"help": "MLflow tracking URI."})
-    experiment: str | None = field(
-        default=None, metadata={"help": "Experiment name (default: the dataset's name)."}
+    uri: str | None = option(
+        None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).",
+        flag="--tracking-uri",
     )
-    run_name: str | None = field(
-        default=None, metadata={"help": "Run name (default: estimator and key options)."}
-    )
+    experiment: str | None = option(None, "Experiment name (default: the dataset's name).")
+    run_name: str | None = option(None, "Run name (default: estimator and key options).")
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,64 +204,201 @@ class RunConfig:
 
 C = TypeVar("C")
 
-_ENUMS: Mapping[str, type[StrEnum]] = {
-    "estimator": EstimatorName,
-    "propensity": Propensity,
-    "clip_mode": ClipMode,
-    "baseline": Baseline,
-    "policy": PolicyKind,
-    "init": Init,
-}
+
+class ConfigError(ValueError):
+    """A config value of the wrong type or out of range.
+
+    `str(err)` is the sentence with the field name (`kl_coef must be ...`); `as_option()` the
+    same sentence naming the command-line option (`--kl-coef must be ...`).
+    """
+
+    def __init__(self, key: str, problem: str, *, flag: str | None = None) -> None:
+        super().__init__(f"{key} {problem}")
+        self.key, self.problem = key, problem
+        self.flag = flag or "--" + key.replace("_", "-")
+
+    def as_option(self) -> str:
+        """The message naming the command-line option instead of the field."""
+        return f"{self.flag} {self.problem}"
 
 
-def coerce_field(name: str, value: Any) -> Any:
-    """Turn a TOML/CLI value into the field's type (enum members, tuples); errors name the key."""
-    if name in _ENUMS:
-        enum = _ENUMS[name]
+def flag_of(cls: type, key: str) -> str:
+    """The command-line option of field `key` of config class `cls` (e.g. `--kl-coef`)."""
+    metadata = cls.__dataclass_fields__[key].metadata  # type: ignore[attr-defined]
+    return str(metadata.get("flag") or "--" + key.replace("_", "-"))
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, tuple[type, bool, bool]]:
+    """Per field: (base type, optional, tuple-of-base) from its annotation."""
+    shapes = {}
+    for key, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint)
+        optional = typing.get_origin(hint) in (types.UnionType, typing.Union) and (
+            type(None) in args
+        )
+        if optional:
+            hint = next(a for a in args if a is not type(None))
+        is_tuple = typing.get_origin(hint) is tuple
+        shapes[key] = (typing.get_args(hint)[0] if is_tuple else hint, optional, is_tuple)
+    return shapes
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number(bound: float) -> str:
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+
+def _bounds_problem(meta: Mapping[str, Any], value: float) -> str | None:
+    """The sentence end when `value` breaks the field's bounds, else None."""
+    low = ("ge", meta["ge"]) if "ge" in meta else ("gt", meta["gt"]) if "gt" in meta else None
+    high = ("le", meta["le"]) if "le" in meta else ("lt", meta["lt"]) if "lt" in meta else None
+    ok_low = low is None or (value >= low[1] if low[0] == "ge" else value > low[1])
+    ok_high = high is None or (value <= high[1] if high[0] == "le" else value < high[1])
+    if ok_low and ok_high:
+        return None
+    if low and high:
+        left, right = "[" if low[0] == "ge" else "(", "]" if high[0] == "le" else ")"
+        return f"must lie in {left}{_number(low[1])}, {_number(high[1])}{right}, got {value}"
+    if low:
+        if low == ("gt", 0) or low == ("gt", 0.0):
+            return f"must be positive, got {value}"
+        sign = ">=" if low[0] == "ge" else ">"
+        return f"must be {sign} {_number(low[1])}, got {value}"
+    assert high is not None
+    return f"must be {'at most' if high[0] == 'le' else 'below'} {_number(high[1])}, got {value}"
+
+
+def _type_problem(base: type, value: Any) -> str | None:
+    """Why `value` is not of type `base` (enum member, bool, int, number, str), or None."""
+    if isinstance(base, type) and issubclass(base, StrEnum):
+        if value in base.__members__.values():
+            return None
+        return f"must be one of {', '.join(m.value for m in base)}, got {_shown(value)}"
+    if base is bool:
+        return None if isinstance(value, bool) else f"must be true/false, got {_shown(value)}"
+    if base is str:
+        return None if isinstance(value, str) else f"must be a string, got {_shown(value)}"
+    wanted = (int,) if base is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, wanted):
+        return f"must be {'an integer' if base is int else 'a number'}, got {_shown(value)}"
+    return None
+
+
+def _scalar_problem(base: type, value: Any, meta: Mapping[str, Any]) -> str | None:
+    """Type, finiteness, 64-bit fit, choices and bounds of one value; None when it is fine."""
+    problem = _type_problem(base, value)
+    if problem or base is bool or (isinstance(base, type) and issubclass(base, StrEnum)):
+        return problem
+    if base is str:
+        choices = meta.get("choices")
+        if choices and value not in choices:
+            return f"must be one of {', '.join(choices)}, got {_shown(value)}"
+        return None
+    if base is int and not -INT64 <= value < INT64:
+        return f"must fit in a signed 64-bit integer (below 2**63), got {_shown(value)}"
+    if base is float and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    return _bounds_problem(meta, value)
+
+
+def validate(config: Any) -> None:
+    """The one validation layer of every config dataclass, run when it is built.
+
+    Each field's value must have its annotated type (enum member, bool, 64-bit int, finite
+    float, str among `choices`) and lie within the `ge`/`gt`/`le`/`lt` bounds of its metadata
+    (per item for tuple fields); a `ConfigError` names the first field that does not.
+    """
+    shapes = field_types(type(config))
+    for f in dataclasses.fields(config):
+        base, optional, is_tuple = shapes[f.name]
+        value = getattr(config, f.name)
+        flag = f.metadata.get("flag")
+        if value is None:
+            if optional:
+                continue
+            raise ConfigError(f.name, "must be set, got none", flag=flag)
+        if is_tuple:
+            if not isinstance(value, tuple) or not 1 <= len(value) <= 64:
+                raise ConfigError(
+                    f.name, f"must be a list of 1 to 64 sizes, got {_shown(value)}", flag=flag
+                )
+            for item in value:
+                problem = _scalar_problem(base, item, f.metadata)
+                if problem:
+                    raise ConfigError(f.name, f"sizes {problem}", flag=flag)
+            continue
+        problem = _scalar_problem(base, value, f.metadata)
+        if problem:
+            raise ConfigError(f.name, problem, flag=flag)
+
+
+def _none_word(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lower() == "none"
+
+
+def coerce_value(cls: type, key: str, value: Any) -> Any:
+    """A TOML value (or parsed text) of field `key` as the field's type.
+
+    Enum names become members, lists of ints tuples, ints floats where a float is wanted, and
+    the string "none" None for optional fields (TOML has no null). Type errors name the key.
+    """
+    base, optional, is_tuple = field_types(cls)[key]
+    flag = cls.__dataclass_fields__[key].metadata.get("flag")  # type: ignore[attr-defined]
+    if optional and (value is None or _none_word(value)):
+        return None
+    if is_tuple:
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            raise ConfigError(key, f"must be a list of integers, got {_shown(value)}", flag=flag)
+        return tuple(value)
+    if isinstance(base, type) and issubclass(base, StrEnum) and isinstance(value, str):
         try:
-            return enum(value)
+            return base(value)
         except ValueError:
-            choices = ", ".join(member.value for member in enum)
-            raise ValueError(f"{name} must be one of {choices}, got {value!r}") from None
-    if name == "hidden" and isinstance(value, list):
-        return tuple(int(h) for h in value)
+            pass  # validate() names the choices
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    problem = _type_problem(base, value)
+    if problem:
+        raise ConfigError(key, problem, flag=flag)
     return value
 
 
-_PLAIN_TYPES: dict[str, tuple[type, ...]] = {
-    "int": (int,),
-    "float": (int, float),
-    "bool": (bool,),
-    "str": (str,),
-}
+_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
-def _check_type(name: str, annotation: str, value: Any) -> None:
-    """A TOML value of a plain field (int, float, bool, str, or None when optional) has its type.
+def parse_value(cls: type, key: str, text: str) -> Any:
+    """Command-line text of field `key` (an option, `--grid`, `--set`) as the field's type.
 
-    Enum and tuple fields are checked by `coerce_field` and the dataclass itself.
+    The single text parser: `none` is None for optional fields, sizes read `64,64` or `64x64`,
+    booleans true/false/yes/no/1/0; range checks are left to `validate`.
     """
-    parts = [part.strip() for part in annotation.split("|")]
-    if not all(part in _PLAIN_TYPES or part == "None" for part in parts):
-        return
-    if value is None and "None" in parts:
-        return
-    for part in parts:
-        numeric_bool = isinstance(value, bool) and part in ("int", "float")
-        if part in _PLAIN_TYPES and isinstance(value, _PLAIN_TYPES[part]) and not numeric_bool:
-            return
-    wanted = " or ".join(
-        "a number"
-        if p == "float"
-        else "an integer"
-        if p == "int"
-        else "true/false"
-        if p == "bool"
-        else "a string"
-        for p in parts
-        if p != "None"
-    )
-    raise ValueError(f"{name} must be {wanted}, got {value!r}")
+    base, optional, is_tuple = field_types(cls)[key]
+    flag = cls.__dataclass_fields__[key].metadata.get("flag")  # type: ignore[attr-defined]
+    if optional and _none_word(text):
+        return None
+    try:
+        if is_tuple:
+            return tuple(int(size) for size in text.replace("x", ",").split(","))
+        if base is bool:
+            return _WORDS[text.strip().lower()]
+        if base is int:
+            return int(text)
+        if base is float:
+            return float(text)
+    except (ValueError, KeyError):
+        kind = {int: "integer", float: "float", bool: "true/false"}.get(base, "list of sizes")
+        raise ConfigError(
+            key, f"{_shown(text)} is not a valid {'list of sizes' if is_tuple else kind}",
+            flag=flag,
+        ) from None
+    return coerce_value(cls, key, text)
 
 
 def build(cls: type[C], table: str, raw: Mapping[str, Any]) -> C:
@@ -298,14 +407,8 @@ def build(cls: type[C], table: str, raw: Mapping[str, Any]) -> C:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"unknown key(s) in [{table}]: {', '.join(unknown)}")
-    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    for key, value in raw.items():
-        _check_type(key, types[key], value)
-    values = {key: coerce_field(key, value) for key, value in raw.items()}
-    try:
-        return cls(**values)
-    except TypeError as err:
-        raise ValueError(f"bad value in [{table}]: {err}") from None
+    values = {key: coerce_value(cls, key, value) for key, value in raw.items()}
+    return cls(**values)
 
 
 def load_config(path: Path) -> RunConfig:
@@ -328,10 +431,37 @@ def parse_config(text: str, *, source: str) -> RunConfig:
     tracking = raw.pop("tracking", {})
     if raw:
         raise ValueError(f"{source}: unknown table(s): {', '.join(sorted(raw))}")
-    return RunConfig(
-        train=build(TrainConfig, "train", train),
-        tracking=build(TrackingConfig, "tracking", tracking),
-    )
+    for table, values in (("train", train), ("tracking", tracking)):
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: [{table}] must be a table of settings")
+    try:
+        return RunConfig(
+            train=build(TrainConfig, "train", train),
+            tracking=build(TrackingConfig, "tracking", tracking),
+        )
+    except ConfigError as err:
+        table = "train" if err.key in TrainConfig.__dataclass_fields__ else "tracking"
+        raise ValueError(f"{source}: [{table}] {err}") from None
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
+
+
+def check_output_folder(path: Path, option: str) -> None:
+    """Refuse, before any work, an output folder that is a file or cannot be written.
+
+    An existing folder must be writable; a new one must lie under a writable folder.
+    """
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path} is a file, not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{option} {path} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        if existing == path:
+            raise ValueError(f"{option} {path} is not writable")
+        raise ValueError(f"{option} {path} cannot be created: {existing} is not writable")
 
 
 def as_params(config: Any, prefix: str = "") -> dict[str, str | int | float | bool]:
@@ -350,3 +480,63 @@ def as_params(config: Any, prefix: str = "") -> dict[str, str | int | float | bo
             value = ",".join(str(v) for v in value)
         params[f"{prefix}{f.name}"] = value
     return params
+
+
+_CHECKPOINT_CHOICES = "shipped, final, selected or step-N"
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluateConfig:
+    """What `offpg evaluate` computes (the target, dataset and output format are arguments)."""
+
+    estimators: tuple[str, ...] = field(
+        default=SELECT_ESTIMATORS,
+        metadata={"help": "OPE estimators, a subset of is,wis,pdis,wpdis,dr,wdr,fqe."},
+    )
+    gamma: float | None = field(
+        default=None, metadata={"help": "Discount γ of OPE and of the discounted online return "
+                                        "(default: the run's, else 0.99)."}
+    )
+    propensity: Propensity | None = field(
+        default=None, metadata={"help": "Column holding log π_β (default: the run's)."}
+    )
+    checkpoint: str = field(
+        default="shipped",
+        metadata={"help": "Which checkpoint of a run: shipped (selected.pt when selection ran, "
+                          "else final.pt), final, selected or step-N."},
+    )
+    n_boot: int = field(default=1000, metadata={"help": "Bootstrap resamples over episodes."})
+    level: float = field(default=0.95, metadata={"help": "Coverage of the bootstrap interval."})
+    delta: float = field(default=0.05, metadata={"help": "HCOPE bounds hold w.p. ≥ 1 − delta."})
+    fqe_iterations: int | None = field(
+        default=None, metadata={"help": "FQE Bellman backups (default: FQEConfig's)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the bootstrap, critic and rollouts."})
+    online: int = field(
+        default=0, metadata={"help": "Also roll out N seeded episodes when the env can be built."}
+    )
+    env: str | None = field(
+        default=None, metadata={"help": "gymnasium env id (default: the card's env spec)."}
+    )
+
+    def __post_init__(self) -> None:
+        names = SELECT_ESTIMATORS
+        unknown = sorted(set(self.estimators) - set(names))
+        if unknown or not self.estimators:
+            raise ValueError(f"estimators: unknown {', '.join(unknown) or '(empty)'}; "
+                             f"choose from {','.join(names)}")
+        if self.gamma is not None and not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"gamma must lie in [0, 1], got {self.gamma}")
+        if not 0.0 < self.level < 1.0 or not 0.0 < self.delta < 1.0:
+            raise ValueError("level and delta must lie in (0, 1)")
+        if self.n_boot < 2:
+            raise ValueError(f"n_boot must be at least 2, got {self.n_boot}")
+        if self.online < 0:
+            raise ValueError(f"online must be 0 or more episodes, got {self.online}")
+        if self.fqe_iterations is not None and self.fqe_iterations < 1:
+            raise ValueError(f"fqe_iterations must be at least 1, got {self.fqe_iterations}")
+        step = self.checkpoint.removeprefix("step-")
+        if self.checkpoint not in ("shipped", "final", "selected") and not (
+            self.checkpoint.startswith("step-") and step.isdigit()
+        ):
+            raise ValueError(f"checkpoint must be {_CHECKPOINT_CHOICES}, got {self.checkpoint!r}")
