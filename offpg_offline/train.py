@@ -256,29 +256,44 @@ def surrogate(
 ) -> tuple[Tensor, Tensor]:
     """The chosen estimator's loss on `view` (+ the KL penalty), and log π_θ(a_t|s_t).
 
+    Calls `estimators.ESTIMATORS[config.estimator].fn` with `surrogate_options(config)` and the
+    view's baseline. For a spec of unit "step" the view's reward column already holds G_t
+    (`make_view`), so it is passed as `returns` with γ = 1 (the discount is inside G_t).
     The KL penalty is a mean over rows; `kl_weight` rescales it on one rank of N so that the
     ranks' mean is the global batch's (see `distributed.row_weight`)."""
     target_logp = policy.log_prob(view.obs, view.action)
-    per_step = config.estimator is EstimatorName.PER_STEP
-    loss = estimators.ESTIMATORS[config.estimator.value](
+    spec = estimators.ESTIMATORS[config.estimator.value]
+    per_step = spec.unit == "step"
+    loss = spec.fn(
         target_logp,
         view.behavior_logp,
         view.reward,
         view.step,
         view.episode_start,
         gamma=1.0 if per_step else config.gamma,
-        clip=config.clip,
-        clip_mode=config.clip_mode.value,
-        self_normalize=config.self_normalize,
+        options=surrogate_options(config),
         baseline=view.baseline,
-        standardize_returns=config.standardize_returns,
-        ppo_epsilon=config.ppo_epsilon,
-        psis=config.psis,
+        returns=view.reward if per_step else None,
     )
     if config.kl_coef > 0:
         kl = estimators.kl_penalty(target_logp, view.behavior_logp)
         loss = loss + config.kl_coef * kl_weight * kl
     return loss, target_logp
+
+
+def surrogate_options(config: TrainConfig) -> estimators.SurrogateOptions:
+    """The `SurrogateOptions` of `config`, refused up front (ValueError naming the option) when
+    the chosen estimator does not honour one, e.g. ppo_epsilon with trajectory."""
+    options = estimators.SurrogateOptions(
+        clip=config.clip,
+        clip_mode=config.clip_mode.value,
+        self_normalize=config.self_normalize,
+        psis=config.psis,
+        ppo_epsilon=config.ppo_epsilon,
+        standardize_returns=config.standardize_returns,
+    )
+    estimators.ESTIMATORS[config.estimator.value].check(config.estimator.value, options)
+    return options
 
 
 def fit_value_baseline(view: LogView, config: TrainConfig, generator: torch.Generator) -> nn.Module:
@@ -332,7 +347,7 @@ def log_diagnostics(
     if val_view is not None and val_view.step.shape[0] > 0:
         val_logp = policy.log_prob(val_view.obs, val_view.action)
         metrics["ope/pdis_validation"] = -float(
-            estimators.ESTIMATORS["per-decision"](
+            estimators.per_decision_surrogate(
                 val_logp,
                 val_view.behavior_logp,
                 val_view.reward,

@@ -4,7 +4,8 @@ Every function here is pure: tensors in, tensors (or floats) out; no nn.Module, 
 or logger, and only torch and the standard library are imported. Steps of all episodes are laid
 end to end (M rows, episodes contiguous and in `step` order); `episode_start` is True on each
 episode's first row. Modules: `segments` (segmented sums and returns), `surrogates` (the four
-estimators of DESIGN.md §3 and their provenance), `psis` (Pareto smoothing), `diagnostics`
+estimators of DESIGN.md §3 and their provenance), `registry` (name → spec: function, unit,
+options honoured; `SurrogateOptions`), `psis` (Pareto smoothing), `diagnostics`
 (ESS, quantiles, k̂, KL).
 """
 
@@ -22,6 +23,12 @@ from offpg_offline.estimators.diagnostics import (
     weight_quantiles,
 )
 from offpg_offline.estimators.psis import pareto_smooth, psis_khat
+from offpg_offline.estimators.registry import (
+    DEFAULT_OPTIONS,
+    ESTIMATORS,
+    EstimatorSpec,
+    SurrogateOptions,
+)
 from offpg_offline.estimators.segments import (
     discounted_returns,
     episode_index,
@@ -30,7 +37,6 @@ from offpg_offline.estimators.segments import (
     segmented_cumsum,
 )
 from offpg_offline.estimators.surrogates import (
-    ESTIMATORS,
     Surrogate,
     past_weight_surrogate,
     per_decision_surrogate,
@@ -38,6 +44,7 @@ from offpg_offline.estimators.surrogates import (
     trajectory_surrogate,
 )
 from offpg_offline.estimators.weights import (
+    LOG_RATIO_BOUND,
     MAX_LOG_RATIO,
     MAX_LOG_WEIGHT,
     cumulative_log_weight,
@@ -45,11 +52,15 @@ from offpg_offline.estimators.weights import (
 )
 
 __all__ = [
+    "DEFAULT_OPTIONS",
     "ESTIMATORS",
+    "LOG_RATIO_BOUND",
     "MAX_LOG_RATIO",
     "MAX_LOG_WEIGHT",
     "QUANTILES",
+    "EstimatorSpec",
     "Surrogate",
+    "SurrogateOptions",
     "cumulative_log_weight",
     "diagnostic_log_weights",
     "discounted_returns",

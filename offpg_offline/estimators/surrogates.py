@@ -29,37 +29,53 @@ G_t = Σ_{t'≥t} γ^{t'-t} r_{t'}, N = number of episodes in the batch.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
 
+from offpg_offline.estimators.options import (
+    DEFAULT_OPTIONS,
+    SurrogateOptions,
+    refuse_unsupported,
+)
 from offpg_offline.estimators.segments import (
     check_episode_start,
     check_flat,
     check_gamma,
     discounted_returns,
     episode_sum,
-    segmented_cumsum,
 )
 from offpg_offline.estimators.weights import (
-    ClipModeName,
     cap_log_weight,
-    check_clip,
+    clip_log_ratio,
+    cumulative_from_log_ratio,
+    episode_from_log_ratio,
     log_ratio,
     position_log_normaliser,
+    self_normalise,
     smooth_log_weight,
 )
 
 Reduction = Literal["mean", "none"]
 
+TRAJECTORY_OPTIONS = frozenset(
+    {"clip", "clip_mode", "self_normalize", "psis", "standardize_returns"})
+"""Options `trajectory_surrogate` honours (no ppo_epsilon: its weight is a product over steps,
+not a per-step ratio)."""
+PER_DECISION_OPTIONS = TRAJECTORY_OPTIONS
+"""Options `per_decision_surrogate` honours (no ppo_epsilon, as for trajectory)."""
+PAST_WEIGHT_OPTIONS = frozenset(
+    {"clip", "clip_mode", "self_normalize", "psis", "ppo_epsilon", "standardize_returns"})
+"""Options `past_weight_surrogate` honours: all."""
+PER_STEP_OPTIONS = frozenset(
+    {"clip", "self_normalize", "psis", "ppo_epsilon", "standardize_returns"})
+"""Options `per_step_surrogate` honours (no clip_mode: one ratio per row, no product to cap)."""
+
 
 class Surrogate(Protocol):
-    """Common signature of every entry of `ESTIMATORS` (see `per_decision_surrogate`)."""
+    """Common signature of every `EstimatorSpec.fn` (see `per_decision_surrogate`)."""
 
     def __call__(
         self,
@@ -70,13 +86,8 @@ class Surrogate(Protocol):
         episode_start: Tensor,
         *,
         gamma: float,
-        clip: float | None = None,
-        clip_mode: ClipModeName = "step",
-        self_normalize: bool = False,
+        options: SurrogateOptions = DEFAULT_OPTIONS,
         baseline: float | Tensor | None = None,
-        standardize_returns: bool = False,
-        ppo_epsilon: float | None = None,
-        psis: bool = False,
         returns: Tensor | None = None,
         reduction: Reduction = "mean",
     ) -> Tensor: ...
@@ -104,10 +115,7 @@ def _prepare(
     episode_start: Tensor,
     *,
     gamma: float,
-    clip: float | None,
-    clip_mode: str,
     baseline: float | Tensor | None,
-    ppo_epsilon: float | None,
     returns: Tensor | None,
     reduction: str,
 ) -> _Inputs:
@@ -116,9 +124,6 @@ def _prepare(
                episode_start=episode_start, baseline=baseline_tensor, returns=returns)
     check_episode_start(episode_start)
     check_gamma(gamma)
-    check_clip(clip, clip_mode)
-    if ppo_epsilon is not None and not 0.0 < ppo_epsilon < 1.0:
-        raise ValueError(f"ppo_epsilon must lie in (0, 1), got {ppo_epsilon}")
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     if baseline is None:
@@ -158,13 +163,6 @@ def _reduce(step_terms: Tensor, x: _Inputs, reduction: str) -> Tensor:
     return loss.to(x.target_logp.dtype if x.target_logp.is_floating_point() else torch.float64)
 
 
-def _no_ppo(name: str, ppo_epsilon: float | None) -> None:
-    if ppo_epsilon is not None:
-        raise ValueError(
-            f"ppo_epsilon does not apply to the {name} surrogate (its weight is a product over "
-            "steps, not a per-step ratio); use it with per-step or past-weight, or use clip")
-
-
 def trajectory_surrogate(
     target_logp: Tensor,
     behavior_logp: Tensor,
@@ -173,13 +171,8 @@ def trajectory_surrogate(
     episode_start: Tensor,
     *,
     gamma: float,
-    clip: float | None = None,
-    clip_mode: ClipModeName = "step",
-    self_normalize: bool = False,
+    options: SurrogateOptions = DEFAULT_OPTIONS,
     baseline: float | Tensor | None = None,
-    standardize_returns: bool = False,
-    ppo_epsilon: float | None = None,
-    psis: bool = False,
     returns: Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> Tensor:
@@ -222,27 +215,21 @@ def trajectory_surrogate(
     Returns:
         A scalar tensor (or [N] with reduction="none").
     """
-    _no_ppo("trajectory", ppo_epsilon)
-    x = _prepare(target_logp, behavior_logp, reward, step, episode_start, gamma=gamma, clip=clip,
-                 clip_mode=clip_mode, baseline=baseline, ppo_epsilon=ppo_epsilon,
-                 returns=returns, reduction=reduction)
-    log_rho = x.log_rho
-    if clip is not None and clip_mode == "step":
-        log_rho = log_rho.clamp_max(math.log(clip))
-    log_w = episode_sum(log_rho, x.episode_start)
-    if clip is not None and clip_mode == "cumulative":
-        log_w = log_w.clamp_max(math.log(clip))
-    if psis:
+    refuse_unsupported("trajectory", options, TRAJECTORY_OPTIONS)
+    x = _prepare(target_logp, behavior_logp, reward, step, episode_start, gamma=gamma,
+                 baseline=baseline, returns=returns, reduction=reduction)
+    log_w = episode_from_log_ratio(x.log_rho, x.episode_start, options.clip, options.clip_mode)
+    if options.psis:
         log_w = smooth_log_weight(log_w)
-    if self_normalize:
-        log_w = log_w - (torch.logsumexp(log_w, dim=0) - math.log(x.n_episodes))
+    if options.self_normalize:
+        log_w = self_normalise(log_w)
     weight = cap_log_weight(log_w).exp()
     if x.returns is not None:
         episode_return = x.returns[x.episode_start]
     else:
         episode_return = episode_sum(x.discount * x.reward, x.episode_start)
     advantage = episode_return - x.baseline[x.episode_start]
-    if standardize_returns:
+    if options.standardize_returns:
         mean, std = _standardize(advantage)
         advantage = (advantage - mean) / std
     per_episode = -(weight * advantage)
@@ -258,13 +245,8 @@ def per_decision_surrogate(
     episode_start: Tensor,
     *,
     gamma: float,
-    clip: float | None = None,
-    clip_mode: ClipModeName = "step",
-    self_normalize: bool = False,
+    options: SurrogateOptions = DEFAULT_OPTIONS,
     baseline: float | Tensor | None = None,
-    standardize_returns: bool = False,
-    ppo_epsilon: float | None = None,
-    psis: bool = False,
     returns: Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> Tensor:
@@ -310,36 +292,25 @@ def per_decision_surrogate(
     Returns:
         A scalar tensor (or [N] with reduction="none").
     """
-    _no_ppo("per-decision", ppo_epsilon)
+    refuse_unsupported("per-decision", options, PER_DECISION_OPTIONS)
     if returns is not None:
         raise ValueError("the per-decision surrogate weights each reward r_t by w_{1:t}: pass "
                          "reward, not precomputed returns")
-    x = _prepare(target_logp, behavior_logp, reward, step, episode_start, gamma=gamma, clip=clip,
-                 clip_mode=clip_mode, baseline=baseline, ppo_epsilon=ppo_epsilon,
-                 returns=returns, reduction=reduction)
-    log_w = _cumulative(x, clip, clip_mode)
-    if psis:
+    x = _prepare(target_logp, behavior_logp, reward, step, episode_start, gamma=gamma,
+                 baseline=baseline, returns=returns, reduction=reduction)
+    log_w = cumulative_from_log_ratio(x.log_rho, x.episode_start, options.clip, options.clip_mode)
+    if options.psis:
         log_w = smooth_log_weight(log_w)
-    if self_normalize:
+    if options.self_normalize:
         log_w = log_w - position_log_normaliser(log_w, x.episode_start)
     weight = cap_log_weight(log_w).exp()
     previous = torch.where(x.episode_start, 1.0, torch.roll(weight, 1))
     base, scale = x.baseline, torch.ones((), dtype=torch.float64, device=x.reward.device)
-    if standardize_returns:
+    if options.standardize_returns:
         mean, scale = _standardize(_returns(x, gamma) - x.baseline)
         base = base + mean
     terms = x.discount * (weight * x.reward - (weight - previous) * base) / scale
     return _reduce(terms, x, reduction)
-
-
-def _cumulative(x: _Inputs, clip: float | None, clip_mode: str) -> Tensor:
-    log_rho = x.log_rho
-    if clip is not None and clip_mode == "step":
-        log_rho = log_rho.clamp_max(math.log(clip))
-    log_w = segmented_cumsum(log_rho, x.episode_start)
-    if clip is not None and clip_mode == "cumulative":
-        log_w = log_w.clamp_max(math.log(clip))
-    return log_w
 
 
 def _ppo_term(ratio: Tensor, advantage: Tensor, epsilon: float) -> Tensor:
@@ -355,13 +326,8 @@ def past_weight_surrogate(
     episode_start: Tensor,
     *,
     gamma: float,
-    clip: float | None = None,
-    clip_mode: ClipModeName = "step",
-    self_normalize: bool = False,
+    options: SurrogateOptions = DEFAULT_OPTIONS,
     baseline: float | Tensor | None = None,
-    standardize_returns: bool = False,
-    ppo_epsilon: float | None = None,
-    psis: bool = False,
     returns: Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> Tensor:
@@ -404,28 +370,27 @@ def past_weight_surrogate(
     Returns:
         A scalar tensor (or [N] with reduction="none").
     """
-    x = _prepare(target_logp, behavior_logp, reward, step, episode_start, gamma=gamma, clip=clip,
-                 clip_mode=clip_mode, baseline=baseline, ppo_epsilon=ppo_epsilon,
-                 returns=returns, reduction=reduction)
-    log_w = _cumulative(x, clip, clip_mode).detach()
-    if psis:
+    refuse_unsupported("past-weight", options, PAST_WEIGHT_OPTIONS)
+    x = _prepare(target_logp, behavior_logp, reward, step, episode_start, gamma=gamma,
+                 baseline=baseline, returns=returns, reduction=reduction)
+    log_w = cumulative_from_log_ratio(x.log_rho, x.episode_start, options.clip,
+                                      options.clip_mode).detach()
+    if options.psis:
         log_w = smooth_log_weight(log_w)
-    if self_normalize:
+    if options.self_normalize:
         log_w = log_w - position_log_normaliser(log_w, x.episode_start)
     log_w = cap_log_weight(log_w)
     advantage = _returns(x, gamma) - x.baseline
-    if standardize_returns:
+    if options.standardize_returns:
         mean, std = _standardize(advantage)
         advantage = (advantage - mean) / std
-    if ppo_epsilon is None:
+    if options.ppo_epsilon is None:
         terms = x.discount * log_w.exp() * x.target_logp.double() * advantage
     else:
         previous = torch.where(x.episode_start, 0.0, torch.roll(log_w, 1)).exp()
-        log_rho = x.log_rho
-        if clip is not None and clip_mode == "step":
-            log_rho = log_rho.clamp_max(math.log(clip))
-        ratio = cap_log_weight(log_rho).exp()
-        terms = x.discount * previous * _ppo_term(ratio, advantage, ppo_epsilon)
+        step_clip = options.clip if options.clip_mode == "step" else None
+        ratio = cap_log_weight(clip_log_ratio(x.log_rho, step_clip)).exp()
+        terms = x.discount * previous * _ppo_term(ratio, advantage, options.ppo_epsilon)
     return _reduce(terms, x, reduction)
 
 
@@ -437,13 +402,8 @@ def per_step_surrogate(
     episode_start: Tensor,
     *,
     gamma: float,
-    clip: float | None = None,
-    clip_mode: ClipModeName = "step",
-    self_normalize: bool = False,
+    options: SurrogateOptions = DEFAULT_OPTIONS,
     baseline: float | Tensor | None = None,
-    standardize_returns: bool = False,
-    ppo_epsilon: float | None = None,
-    psis: bool = False,
     returns: Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> Tensor:
@@ -486,33 +446,21 @@ def per_step_surrogate(
     Returns:
         A scalar tensor (or [N] with reduction="none").
     """
-    x = _prepare(target_logp, behavior_logp, reward, step, episode_start, gamma=gamma, clip=clip,
-                 clip_mode=clip_mode, baseline=baseline, ppo_epsilon=ppo_epsilon,
-                 returns=returns, reduction=reduction)
-    log_rho = x.log_rho
-    if clip is not None:
-        log_rho = log_rho.clamp_max(math.log(clip))
-    if psis:
+    x = _prepare(target_logp, behavior_logp, reward, step, episode_start, gamma=gamma,
+                 baseline=baseline, returns=returns, reduction=reduction)
+    refuse_unsupported("per-step", options, PER_STEP_OPTIONS)
+    log_rho = clip_log_ratio(x.log_rho, options.clip)
+    if options.psis:
         log_rho = smooth_log_weight(log_rho)
-    if self_normalize:
-        log_rho = log_rho - (torch.logsumexp(log_rho, dim=0) - math.log(log_rho.shape[0]))
+    if options.self_normalize:
+        log_rho = self_normalise(log_rho)
     ratio = cap_log_weight(log_rho).exp()
     advantage = _returns(x, gamma) - x.baseline
-    if standardize_returns:
+    if options.standardize_returns:
         mean, std = _standardize(advantage)
         advantage = (advantage - mean) / std
-    if ppo_epsilon is None:
+    if options.ppo_epsilon is None:
         terms = x.discount * ratio * advantage
     else:
-        terms = x.discount * _ppo_term(ratio, advantage, ppo_epsilon)
+        terms = x.discount * _ppo_term(ratio, advantage, options.ppo_epsilon)
     return _reduce(terms, x, reduction)
-
-
-ESTIMATORS: Mapping[str, Surrogate] = MappingProxyType({
-    "trajectory": trajectory_surrogate,
-    "per-decision": per_decision_surrogate,
-    "past-weight": past_weight_surrogate,
-    "per-step": per_step_surrogate,
-})
-"""Surrogate loss per estimator name; the keys equal `config.EstimatorName` values."""
-

@@ -6,32 +6,37 @@ All in log space and float64. `behavior_logp` (π_β, the logging policy) is alw
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from torch import Tensor
 
+from offpg_offline.estimators.options import ClipModeName
 from offpg_offline.estimators.psis import pareto_smooth
 from offpg_offline.estimators.segments import (
     check_flat,
     episode_last,
     episode_position,
+    episode_sum,
     segmented_cumsum,
 )
 
 MAX_LOG_WEIGHT = 80.0
-"""Numerical cap on every log importance weight (w ≤ e^80 ≈ 5.5e34; float32 holds 3.4e38)."""
-MAX_LOG_RATIO = 700.0
-"""Numerical cap on |log ρ_t| so segmented sums stay finite (±inf log-probabilities)."""
-
-ClipModeName = Literal["step", "cumulative"]
+"""The one cap: min(log w, 80) on every weight that multiplies a return or reward, applied
+LAST, after clip, PSIS and self-normalisation (w ≤ e^80 ≈ 5.5e34; float32 holds 3.4e38), in
+the training surrogates and in `ope` alike. Self-normalised weights are ≤ N, so the cap never
+binds on them; a raw weight at the cap means the estimate is already useless (ESS → 1/N)."""
+LOG_RATIO_BOUND = 1.0e4
+"""Not a cap: a finite stand-in for log ρ = ±inf (a zero or undefined probability), so that
+segmented sums never meet inf − inf. e^{±1e4} is 0 / overflow in float64, like e^{±inf}, and
+every finite log-ratio a policy produces passes unchanged (|log ρ| < 1e4)."""
+MAX_LOG_RATIO = LOG_RATIO_BOUND  # the former name
 
 
 def log_ratio(target_logp: Tensor, behavior_logp: Tensor) -> Tensor:
     r"""Per-step log importance ratio log ρ_t = log π_θ(a_t|s_t) − log π_β(a_t|s_t), float64.
 
     `behavior_logp` (the logging policy π_β) is detached: no gradient ever reaches it.
-    The result is clamped to ±`MAX_LOG_RATIO` so that ±inf log-probabilities stay finite.
+    The result is clamped to ±`LOG_RATIO_BOUND` so that ±inf log-probabilities stay finite.
 
     Args:
         target_logp: log π_θ(a_t|s_t) of the policy being trained, [M], differentiable.
@@ -42,7 +47,60 @@ def log_ratio(target_logp: Tensor, behavior_logp: Tensor) -> Tensor:
     """
     check_flat(target_logp=target_logp, behavior_logp=behavior_logp)
     diff = target_logp.double() - behavior_logp.detach().double()
-    return diff.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    return diff.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+
+
+def clip_log_ratio(log_rho: Tensor, clip: float | None) -> Tensor:
+    """min(log ρ_t, log c): the per-step clip in log space (unclipped entries keep their
+    gradient, clipped ones get none); identity when `clip` is None."""
+    return log_rho if clip is None else log_rho.clamp_max(math.log(clip))
+
+
+def _zero_mask(log_rho: Tensor, episode_start: Tensor) -> tuple[Tensor, Tensor]:
+    """(log ρ with zero-probability steps as 0, [M] bool: a zero weight at or before the row).
+
+    A step with π(a_t|s_t) = 0 (log ρ at −`LOG_RATIO_BOUND`) enters the running sum as 0 and is
+    counted exactly instead, so that a greedy target policy keeps every other log-weight exact."""
+    zero = log_rho <= -LOG_RATIO_BOUND
+    zeros_so_far = segmented_cumsum(zero.double(), episode_start)  # small integers: exact
+    return torch.where(zero, 0.0, log_rho), zeros_so_far > 0
+
+
+def cumulative_from_log_ratio(
+    log_rho: Tensor,
+    episode_start: Tensor,
+    clip: float | None = None,
+    clip_mode: ClipModeName = "step",
+) -> Tensor:
+    r"""log w_{1:t} = Σ_{k ≤ t} log ρ_k within each episode, with the clip, float64 [M].
+
+    `clip_mode="step"`: Σ_k min(log ρ_k, log c); `"cumulative"`: min(Σ_k log ρ_k, log c).
+    −inf from the first zero-probability step of an episode on (exactly, see `_zero_mask`).
+    """
+    check_clip(clip, clip_mode)
+    log_rho = clip_log_ratio(log_rho, clip if clip_mode == "step" else None)
+    finite, zero = _zero_mask(log_rho, episode_start)
+    log_w = segmented_cumsum(finite, episode_start)
+    if clip_mode == "cumulative":
+        log_w = clip_log_ratio(log_w, clip)
+    return torch.where(zero, -math.inf, log_w)
+
+
+def episode_from_log_ratio(
+    log_rho: Tensor,
+    episode_start: Tensor,
+    clip: float | None = None,
+    clip_mode: ClipModeName = "step",
+) -> Tensor:
+    r"""log w_{1:T_i} per episode, [E] float64, clipped as in `cumulative_from_log_ratio`
+    (summed per episode directly: no cancellation across episodes)."""
+    check_clip(clip, clip_mode)
+    log_rho = clip_log_ratio(log_rho, clip if clip_mode == "step" else None)
+    zero = log_rho <= -LOG_RATIO_BOUND
+    log_w = episode_sum(torch.where(zero, 0.0, log_rho), episode_start)
+    if clip_mode == "cumulative":
+        log_w = clip_log_ratio(log_w, clip)
+    return torch.where(episode_sum(zero.double(), episode_start) > 0, -math.inf, log_w)
 
 
 def cumulative_log_weight(
@@ -70,14 +128,14 @@ def cumulative_log_weight(
         [M] float64 tensor.
     """
     check_flat(target_logp=target_logp, behavior_logp=behavior_logp, episode_start=episode_start)
-    check_clip(clip, clip_mode)
-    log_rho = log_ratio(target_logp, behavior_logp)
-    if clip is not None and clip_mode == "step":
-        log_rho = log_rho.clamp_max(math.log(clip))
-    log_w = segmented_cumsum(log_rho, episode_start)
-    if clip is not None and clip_mode == "cumulative":
-        log_w = log_w.clamp_max(math.log(clip))
-    return log_w
+    return cumulative_from_log_ratio(log_ratio(target_logp, behavior_logp), episode_start,
+                                     clip, clip_mode)
+
+
+def self_normalise(log_w: Tensor) -> Tensor:
+    """log(w / mean(w)) = log w − (logsumexp(log w) − log N): weights with batch mean 1, never
+    exponentiated on the way (no overflow, no all-underflow 0/0); not detached."""
+    return log_w - (torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0]))
 
 
 def check_clip(clip: float | None, clip_mode: str) -> None:
