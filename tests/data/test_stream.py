@@ -12,6 +12,7 @@ import torch
 
 from offpg_offline.data import stream
 from offpg_offline.data.batch import StepBatch, load_steps
+from offpg_offline.data.store import card_path as store_card_path
 from offpg_offline.data.store import write_dataset
 from offpg_offline.data.stream import (
     EpisodeSource,
@@ -90,14 +91,24 @@ def test_chunks_keep_only_the_chosen_episodes_in_the_chosen_shard_order(dataset:
     _assert_views_equal(got, _view_of(load_steps(dataset).episodes(ordinals)))
 
 
+def _entry(file: Path, episodes: int) -> dict:
+    """The card's entry of a shard written by hand (the card is validated when read)."""
+    import hashlib
+
+    return {"name": file.name, "rows": pq.read_metadata(file).num_rows, "episodes": episodes,
+            "bytes": file.stat().st_size, "sha256": hashlib.sha256(file.read_bytes()).hexdigest()}
+
+
 def test_a_file_that_splits_an_episode_is_merged_with_its_neighbour(dataset: Path) -> None:
-    card_path = dataset / "dataset.json"
+    card_path = store_card_path(dataset)
     card = json.loads(card_path.read_text())
     first = dataset / card["files"][0]["name"]
     table = pq.read_table(first)
     pq.write_table(table.slice(0, 8), dataset / "a.parquet")  # row 8 is inside episode 2 (5+1+9)
     pq.write_table(table.slice(8), dataset / "b.parquet")
-    card["files"] = [{"name": "a.parquet"}, {"name": "b.parquet"}, *card["files"][1:]]
+    starts = card["files"][0]["episodes"]  # episodes 0, 1, 2 start in a.parquet, the rest in b
+    card["files"] = [_entry(dataset / "a.parquet", 3), _entry(dataset / "b.parquet", starts - 3),
+                     *card["files"][1:]]  # episodes: those that start in the file
     card_path.write_text(json.dumps(card))
     shards = index_shards(dataset)
     assert shards[0].files == (dataset / "a.parquet", dataset / "b.parquet")
@@ -136,7 +147,7 @@ def test_ranks_read_disjoint_episodes_that_cover_the_log(dataset: Path, world_si
 
 
 def test_row_bytes_count_the_step_batch_tensors(dataset: Path) -> None:
-    card = json.loads((dataset / "dataset.json").read_text())
+    card = json.loads(store_card_path(dataset).read_text())
     batch = load_steps(dataset)
     held = sum(
         t.nbytes
