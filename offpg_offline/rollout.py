@@ -23,12 +23,18 @@ from torch import nn
 
 @dataclass(frozen=True, slots=True)
 class OnlineResult:
-    """Undiscounted returns of seeded episodes: their mean, population std, and each value."""
+    """Returns of seeded episodes: the undiscounted return Σ_t r_t (mean, population std, each
+    value) and the discounted return Σ_t γ^t r_t with the `gamma` given to `evaluate_online`
+    (the quantity OPE estimates, J(π) = E_π[Σ_t γ^t r_t]), with its mean and population std."""
 
     mean: float
     std: float
     returns: tuple[float, ...]
     lengths: tuple[int, ...] = ()
+    gamma: float = 1.0
+    discounted_mean: float = float("nan")
+    discounted_std: float = float("nan")
+    discounted_returns: tuple[float, ...] = ()
 
 
 class EnvUnavailableWarning(UserWarning):
@@ -112,8 +118,10 @@ def evaluate_online(
     seed: int = 0,
     deterministic: bool = True,
     max_steps: int | None = None,
+    gamma: float = 1.0,
 ) -> OnlineResult:
-    """Mean and std of the undiscounted return of `policy` over seeded episodes.
+    """Mean and std of the undiscounted and the γ-discounted return of `policy` over seeded
+    episodes.
 
     Episode i resets the environment with `seed + i`; the stochastic policy draws its actions
     from a `torch.Generator` seeded with `seed + i`, so each episode is reproducible on its own.
@@ -126,6 +134,8 @@ def evaluate_online(
         seed: first reset seed.
         deterministic: use the mode (greedy) if True, samples if False.
         max_steps: optional cap on steps per episode on top of the env's own time limit.
+        gamma: discount of the discounted return Σ_t γ^t r_t (t from 0), in [0, 1]; pass the γ
+            the OPE estimates use so that both are in the same units.
 
     Returns:
         An `OnlineResult`.
@@ -135,6 +145,8 @@ def evaluate_online(
     """
     if episodes <= 0:
         raise ValueError(f"episodes must be positive, got {episodes}")
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
     own_env = not isinstance(env_id, gym.Env)
     if own_env:
         env, reason = try_make_env(env_id)
@@ -142,7 +154,7 @@ def evaluate_online(
             raise ValueError(reason)
     else:
         env = env_id
-    returns, lengths = [], []
+    returns, discounted, lengths = [], [], []
     actor: Any = policy  # any module with mode/sample (nn.Module's typing hides them)
     was_training = policy.training
     policy.eval()
@@ -151,7 +163,7 @@ def evaluate_online(
             for episode in range(episodes):
                 generator = torch.Generator().manual_seed(seed + episode)
                 obs, _ = env.reset(seed=seed + episode)
-                total, steps, done = 0.0, 0, False
+                total, total_discounted, discount, steps, done = 0.0, 0.0, 1.0, 0, False
                 while not done:
                     state = torch.from_numpy(_flat(env.observation_space, obs)).unsqueeze(0)
                     if deterministic:
@@ -162,18 +174,26 @@ def evaluate_online(
                         _to_env_action(env.action_space, action[0])
                     )
                     total += float(reward)
+                    total_discounted += discount * float(reward)
+                    discount *= gamma
                     steps += 1
                     done = terminated or truncated or (max_steps is not None and steps >= max_steps)
                 returns.append(total)
+                discounted.append(total_discounted)
                 lengths.append(steps)
     finally:
         policy.train(was_training)
         if own_env:
             env.close()
     values = np.asarray(returns, dtype=np.float64)
+    discounted_values = np.asarray(discounted, dtype=np.float64)
     return OnlineResult(
         mean=float(values.mean()),
         std=float(values.std()),
         returns=tuple(returns),
         lengths=tuple(lengths),
+        gamma=float(gamma),
+        discounted_mean=float(discounted_values.mean()),
+        discounted_std=float(discounted_values.std()),
+        discounted_returns=tuple(discounted),
     )

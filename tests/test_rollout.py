@@ -101,3 +101,33 @@ def test_card_env_spec_dict_is_built_with_its_time_limit() -> None:
     from_json, reason = try_make_env(gym.spec("CartPole-v1").to_json())  # Minari's env_spec
     assert reason is None and from_json.spec.max_episode_steps == 500
     from_json.close()
+
+
+def test_discounted_return_is_the_geometric_sum_of_the_cartpole_rewards() -> None:
+    # CartPole pays 1 per step, so an episode of L steps has Σ_{t<L} γ^t = (1 − γ^L)/(1 − γ):
+    # a hand formula in the episode length, checked on 500-step episodes and on short ones.
+    gamma = 0.9
+    balanced = evaluate_online(_linear_controller([0.01, 0.1, 1.0, 0.5]), "CartPole-v1",
+                               episodes=3, seed=0, gamma=gamma)
+    full = (1 - gamma**500) / (1 - gamma)
+    assert balanced.discounted_returns == pytest.approx((full,) * 3, rel=1e-12)
+    assert balanced.discounted_mean == pytest.approx(full, rel=1e-12)
+    assert balanced.discounted_std == pytest.approx(0.0, abs=1e-9)
+    assert balanced.gamma == gamma and balanced.returns == (500.0,) * 3
+
+    falling = evaluate_online(_linear_controller([0.01, 0.1, 1.0, 0.5], scale=1.0),
+                              "CartPole-v1", episodes=4, seed=1, deterministic=False, gamma=0.97)
+    by_hand = np.array([(1 - 0.97**n) / (1 - 0.97) for n in falling.lengths])
+    assert len(set(falling.lengths)) > 1  # episodes of different lengths
+    assert falling.discounted_returns == pytest.approx(tuple(by_hand), rel=1e-12)
+    assert falling.discounted_mean == pytest.approx(by_hand.mean(), rel=1e-12)
+    assert falling.discounted_std == pytest.approx(by_hand.std(), rel=1e-9)
+
+
+def test_without_gamma_the_discounted_return_is_the_undiscounted_one() -> None:
+    result = evaluate_online(_linear_controller([0.0, 0.0, -1.0, 0.0]), "CartPole-v1",
+                             episodes=2, seed=3)
+    assert result.discounted_returns == result.returns
+    with pytest.raises(ValueError, match="gamma"):
+        evaluate_online(_linear_controller([0.0, 0.0, -1.0, 0.0]), "CartPole-v1", episodes=1,
+                        gamma=1.5)
