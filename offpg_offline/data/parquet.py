@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import stat
 import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -406,7 +407,7 @@ class _Converter:
 
     def _episode_ids(self, series: pl.Series, first_row: int) -> np.ndarray:
         if series.dtype.is_integer():
-            return series.to_numpy().astype(np.int64, copy=False)
+            return _int64_ids(series, self.plan.file, first_row, "episode id")
         if series.dtype.is_float():
             values = series.to_numpy()
             bad = _not_integral(values)
@@ -462,7 +463,7 @@ class _Converter:
             return self._vector(frame, action, "action", first_row)
         series = frame.get_column(action.columns[0])
         if series.dtype.is_integer():
-            return series.to_numpy().astype(np.int64, copy=False)
+            return _int64_ids(series, self.plan.file, first_row, "action")
         values = series.to_numpy()
         bad = _not_integral(values)
         if bad.any():
@@ -639,8 +640,9 @@ def input_files(paths: Sequence[Path]) -> list[Path]:
                            if p.suffix.lower() in PARQUET_SUFFIXES + CSV_SUFFIXES)
             if not found:
                 raise FileNotFoundError(f"{path}: no .parquet or .csv files in this folder.")
-            files.extend(found)
-        elif path.is_file():
+            files.extend(_regular_file(p) for p in found)
+        elif path.exists():
+            _regular_file(path)
             if path.suffix.lower() not in PARQUET_SUFFIXES + CSV_SUFFIXES:
                 raise ValueError(f"{path}: unknown file type {path.suffix!r}; give .parquet or "
                                  f".csv files.")
@@ -650,6 +652,54 @@ def input_files(paths: Sequence[Path]) -> list[Path]:
     if not files:
         raise ValueError("no input files given.")
     return files
+
+
+def _regular_file(path: Path) -> Path:
+    """`path` if it is a regular file (or a link to one): a FIFO, socket or device named
+    `*.parquet` would block the reader forever or read without end, so it is refused by name."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        raise FileNotFoundError(f"{_text(path)}: cannot be read ({err.strerror}).") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+        raise sc.DataError(f"{_text(path)}: is {kind}; only regular .parquet/.csv files are read.",
+                           source=str(path))
+    return path
+
+
+def _text(path: Path | str) -> str:
+    """A path for a one-line message (control characters escaped)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(path))
+
+
+def _check_csv_header(path: Path) -> None:
+    """Refuse a CSV whose header repeats a column name, as Parquet readers do (polars would
+    rename the second copy and the mapping would silently take the first)."""
+    import csv
+
+    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
+        header = next(csv.reader(handle, delimiter="\t" if path.suffix.lower() == ".tsv"
+                                 else ","), [])
+    seen: set[str] = set()
+    for name in header:
+        if name in seen:
+            raise sc.DataError(f"{_text(path)}: column {_text(repr(name))} appears twice in the "
+                               f"header; column names must be unique.", source=str(path))
+        seen.add(name)
+
+
+def _int64_ids(series: pl.Series, file: str, first_row: int, what: str) -> np.ndarray:
+    """Integer values as int64, refusing unsigned values above 2^63 - 1 (they would wrap to
+    negative numbers; no lossless int64 mapping keeps their order and meaning)."""
+    values = series.to_numpy()
+    if values.dtype == np.uint64 and len(values) and values.max() > np.iinfo(np.int64).max:
+        row = _first_row(values > np.iinfo(np.int64).max)
+        raise sc.DataError.at(file, series.name, first_row + row,
+                              f"{what} {values[row]} does not fit a signed 64-bit integer "
+                              f"(at most 2^63 - 1)")
+    return values.astype(np.int64, copy=False)
 
 
 def _scan(path: Path) -> pl.LazyFrame:
@@ -740,6 +790,8 @@ def ingest_parquet(
     plans: list[_Plan] = []
     for file in files:
         try:
+            if file.suffix.lower() in CSV_SUFFIXES:
+                _check_csv_header(file)
             schema = _scan(file).collect_schema()
             if file.suffix.lower() in CSV_SUFFIXES and _scan(file).head(1).collect().is_empty():
                 # A header-only CSV has String columns: say what is wrong, not "String".
