@@ -46,6 +46,13 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(code=2)
 
 
+def _has_card(folder: Path) -> bool:
+    """Whether `folder` is a dataset folder (its card is `store.card_path(folder)`)."""
+    from offpg_offline.data.store import is_dataset
+
+    return is_dataset(folder)
+
+
 # --- data commands (ingest minari, ingest parquet, info) ---
 
 
@@ -259,8 +266,8 @@ def train(
                                                    "run_name": run_name}.items() if v}))
     except (ValueError, TypeError) as err:
         fail(str(err))
-    if not (dataset / "dataset.json").is_file():
-        fail(f"{dataset} is not a dataset folder (no dataset.json); create one with `offpg ingest`")
+    if not _has_card(dataset):
+        fail(f"{dataset} is not a dataset folder (no _dataset.json); make one with `offpg ingest`")
     if nproc > 1:
         _launch_torchrun(dataset, run, nproc, out_dir)
     if nproc < 1:
@@ -422,8 +429,8 @@ def behavior_fit(
         sizes = tuple(int(h) for h in hidden.split(","))
     except ValueError:
         fail(f"--hidden must be comma-separated integers, got {hidden!r}")
-    if not (dataset / "dataset.json").is_file():
-        fail(f"{dataset} is not a dataset folder (no dataset.json); create one with `offpg ingest`")
+    if not _has_card(dataset):
+        fail(f"{dataset} is not a dataset folder (no _dataset.json); make one with `offpg ingest`")
 
     from offpg_offline.behavior.fit import FitConfig, FitReport, fit_behavior
     from offpg_offline.config import TrackingConfig
@@ -519,8 +526,8 @@ def evaluate(
              f"choose from {','.join(_OPE_NAMES)}")
     if not 0.0 < level < 1.0 or not 0.0 < delta < 1.0 or n_boot < 2:
         fail("--level and --delta must lie in (0, 1) and --n-boot be at least 2")
-    if dataset is not None and not (dataset / "dataset.json").is_file():
-        fail(f"{dataset} is not a dataset folder (no dataset.json)")
+    if dataset is not None and not _has_card(dataset):
+        fail(f"{dataset} is not a dataset folder (no _dataset.json)")
 
     import tempfile
 
@@ -550,7 +557,7 @@ def evaluate(
     folder = dataset or run_dataset
     if folder is None:
         fail(f"{target}: no dataset recorded with it; pass --dataset")
-    if not (folder / "dataset.json").is_file():
+    if not _has_card(folder):
         fail(f"the run's dataset {folder} is gone; pass --dataset")
     try:
         gamma = float(params.get("gamma", 0.99)) if gamma is None else gamma
@@ -786,8 +793,8 @@ def sweep(
         ]
     except (ValueError, TypeError) as err:
         fail(str(err))
-    if not (dataset / "dataset.json").is_file():
-        fail(f"{dataset} is not a dataset folder (no dataset.json); create one with `offpg ingest`")
+    if not _has_card(dataset):
+        fail(f"{dataset} is not a dataset folder (no _dataset.json); make one with `offpg ingest`")
 
     from offpg_offline import tracking
     from offpg_offline.data.store import read_card

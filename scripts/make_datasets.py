@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from offpg_offline.data.schema import SCHEMA_VERSION
-from offpg_offline.data.store import read_card
+from offpg_offline.data.store import card_path, is_dataset, read_card
 from offpg_offline.data.synthetic import SYNTHETIC, make_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,10 @@ def readme(out: Path) -> str:
         "# Shipped datasets",
         "",
         f"Canonical format, schema version {SCHEMA_VERSION} (DESIGN.md §2): each folder holds "
-        "`part-*.parquet` and its `dataset.json` card.",
+        "`part-*.parquet` and its `_dataset.json` card (the leading `_` hides it from Parquet "
+        "engines, so each folder also opens as a plain Parquet dataset: "
+        "`pyarrow.dataset.dataset(\"datasets/cartpole-eps\", format=\"parquet\")`, "
+        "`polars.scan_parquet(\"datasets/cartpole-eps/*.parquet\")`).",
         "Made by `scripts/make_datasets.py` from `offpg_offline/data/synthetic.py` (fixed seeds; "
         "rerunning reproduces the files byte for byte). Returns are undiscounted; *behavior* is "
         "the mean over the logged episodes, *greedy* the mean over 100 fresh episodes of the "
@@ -38,7 +41,7 @@ def readme(out: Path) -> str:
     for name in SYNTHETIC:
         card = read_card(out / name)
         behavior = card["behavior"]
-        size = sum(f["bytes"] for f in card["files"]) + (out / name / "dataset.json").stat().st_size
+        size = sum(f["bytes"] for f in card["files"]) + card_path(out / name).stat().st_size
         logged = "exact" if card["propensity"]["logged_logp"] else "null"
         lines.append(
             f"| `{name}` | {card['env_spec']['id']} | {card['counts']['episodes']} | "
@@ -74,7 +77,7 @@ def main() -> None:
         path = make_synthetic(name, args.out / name, overwrite=True, progress=print)
         size = sum(f.stat().st_size for f in path.iterdir())
         print(f"  -> {path} ({size / 1e6:.2f} MB, {time.perf_counter() - start:.1f} s)")
-    if all((args.out / name / "dataset.json").is_file() for name in SYNTHETIC):
+    if all(is_dataset(args.out / name) for name in SYNTHETIC):
         (args.out / "README.md").write_text(readme(args.out))
         print(f"  -> {args.out / 'README.md'}")
 

@@ -107,4 +107,4 @@ def test_bad_options_give_one_sentence_and_exit_2(
 def test_a_folder_without_a_card_is_refused(workdir: Path) -> None:
     result = CliRunner().invoke(app, ["train", str(workdir)])
     assert result.exit_code == 2
-    assert "is not a dataset folder (no dataset.json)" in result.output
+    assert "is not a dataset folder (no _dataset.json)" in result.output

@@ -50,7 +50,13 @@ from offpg_offline.behavior.models import (
 from offpg_offline.data.batch import StepBatch, batch_from_table
 from offpg_offline.data.schema import DataError, steps_table
 from offpg_offline.data.spaces import space_from_json
-from offpg_offline.data.store import dataset_digest, read_card, read_table, write_dataset
+from offpg_offline.data.store import (
+    BEHAVIOR_DIR,
+    dataset_digest,
+    read_card,
+    read_table,
+    write_dataset,
+)
 from offpg_offline.policies import CategoricalPolicy, checkpoint, fit_mle, mean_nll
 
 NEAR_DETERMINISTIC_PROB = 0.99  # π̂_β(a|s) above this counts as near-deterministic
@@ -544,7 +550,7 @@ def fit_behavior(
         in_place: replace `dataset` itself (atomically) instead of writing `out`.
         config: fitting options (default `FitConfig()`).
         mlflow_run_id: recorded in the card's `propensity.estimated_logp`.
-        artifacts_dir: where the checkpoint, diagram and report go; default `<written>/behavior/`
+        artifacts_dir: where the checkpoint, diagram and report go; default `<written>/_behavior/`
             (or a temporary folder when nothing is written).
         progress: called with short progress lines.
 
@@ -623,7 +629,7 @@ def fit_behavior(
         },
         "fitted_on": {"path": str(dataset.resolve()), "digest": dataset_digest(dataset)},
         "mlflow_run_id": mlflow_run_id,
-        "model_checkpoint": "behavior/model.pt" if target is not None else None,
+        "model_checkpoint": f"{BEHAVIOR_DIR}/model.pt" if target is not None else None,
     }
 
     written: Path | None = None
@@ -640,7 +646,7 @@ def fit_behavior(
 
     if artifacts_dir is None:
         artifacts_dir = (
-            written / "behavior"
+            written / BEHAVIOR_DIR
             if written is not None
             else Path(tempfile.mkdtemp(prefix="offpg-behavior-"))
         )

@@ -47,11 +47,16 @@ import pyarrow as pa
 
 from offpg_offline.data.schema import steps_table
 from offpg_offline.data.spaces import flatten_observations, flatten_space, space_to_json
-from offpg_offline.data.store import SourcedTable, write_dataset
+from offpg_offline.data.store import SourcedTable, json_safe, write_dataset
 
 LOGP_KEYS = ("action_log_prob", "action_logp", "log_prob", "logp")
 PROB_KEYS = ("action_prob", "prob", "propensity")
 PROPENSITY_KINDS = ("prob", "logp")
+_BEHAVIOR_KEYS = ("algorithm_name", "author", "author_email", "code_permalink")
+# Metadata keys the card holds in their own fields; every other key is copied to
+# source.metadata (JSON-safe: Minari keeps author and author_email as sets).
+_METADATA_ELSEWHERE = frozenset({"observation_space", "action_space", "env_spec",
+                                 "eval_env_spec", "description", *_BEHAVIOR_KEYS})
 _READ_CHUNK = 256  # episodes per minari read call: bounds arrow's per-call dataset discovery
 
 
@@ -101,12 +106,36 @@ def _find_data_path(id_or_path: str | Path, *, download: bool) -> Path:
                 f"Minari dataset {dataset_id} is not a local path and is not in the local Minari "
                 f"store ({minari.storage.get_dataset_path()}); pass --download to fetch it."
             ) from None
-    try:  # needs network access: not exercised by the tests
+    try:
         minari.download_dataset(dataset_id)
     except Exception as err:  # network, authentication, unknown remote id: one sentence
-        raise FileNotFoundError(f"Minari dataset {dataset_id} could not be downloaded "
-                                f"({type(err).__name__}: {err}).") from err
+        raise FileNotFoundError(_download_failure(dataset_id, err)) from None
     return Path(minari.load_dataset(dataset_id).storage.data_path)
+
+
+_NETWORK_ERRORS = ("ConnectError", "ConnectTimeout", "ReadTimeout", "NetworkError",
+                   "TimeoutException", "ProxyError", "OfflineModeIsEnabled")
+
+
+def _download_failure(dataset_id: str, err: Exception) -> str:
+    """One sentence for a failed `minari.download_dataset`: unreachable server, missing
+    huggingface_hub, or what the server said (unknown id, incompatible version)."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = err
+    while cause is not None and len(chain) < 10:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if isinstance(err, ImportError):
+        return (f"Minari dataset {dataset_id} cannot be downloaded: huggingface_hub is not "
+                f"installed (pip install 'minari[hf]').")
+    if any(isinstance(e, ConnectionError | TimeoutError) or type(e).__name__ in _NETWORK_ERRORS
+           or type(e).__name__ == "gaierror" for e in chain):
+        return (f"cannot reach the Minari server for {dataset_id}; check the network (and "
+                f"HF_HUB_OFFLINE / MINARI_REMOTE), or download the dataset on a machine that is "
+                f"online and pass its folder ({type(err).__name__}: {first_line}).")
+    return f"Minari dataset {dataset_id} could not be downloaded ({type(err).__name__}: " \
+        f"{first_line})."
 
 
 # --- reading episodes --------------------------------------------------------------------------
@@ -403,9 +432,16 @@ def _stored_spaces(observation_space: gym.Space[Any],
 
 
 def _spec_dict(text: Any) -> dict[str, Any] | None:
+    """Minari's serialised EnvSpec as a dict (kwargs kept); None when absent or unreadable."""
+    if isinstance(text, Mapping):
+        return json_safe(text)
     if not isinstance(text, str):
         return None
-    return json.loads(text)
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return json_safe(spec) if isinstance(spec, Mapping) else None
 
 
 # --- ingest ------------------------------------------------------------------------------------
@@ -503,7 +539,7 @@ def ingest_minari(
         "observation_space": space_to_json(stored_obs),
         "action_space": space_to_json(stored_action),
         "env_spec": _spec_dict(metadata.get("env_spec")),
-        "source": {
+        "source": json_safe({
             "kind": "minari",
             "dataset_id": dataset_id,
             "path": str(data_path),
@@ -516,9 +552,10 @@ def ingest_minari(
             **({"eval_env_spec": _spec_dict(metadata["eval_env_spec"])}
                if metadata.get("eval_env_spec") else {}),
             **{k: metadata[k] for k in ("ref_min_score", "ref_max_score") if k in metadata},
-        },
-        "behavior": {k: metadata[k] for k in ("algorithm_name", "author", "code_permalink")
-                     if metadata.get(k) is not None} or None,
+            "metadata": {k: v for k, v in metadata.items() if k not in _METADATA_ELSEWHERE},
+        }),
+        "behavior": json_safe({k: metadata[k] for k in _BEHAVIOR_KEYS
+                               if metadata.get(k) is not None}) or None,
         "propensity": {
             "logged_logp": None if propensity is None else _propensity_card(propensity),
             "estimated_logp": None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import queue
 import shutil
@@ -29,7 +30,9 @@ import pyarrow.parquet as pq
 from offpg_offline.data import schema as sc
 from offpg_offline.data.spaces import space_from_json, space_to_json
 
-CARD_NAME = "dataset.json"
+CARD_NAME = "_dataset.json"  # a leading "_": Spark, Hive, pyarrow.dataset and Ray skip it
+LEGACY_CARD_NAME = "dataset.json"  # written before the rename; still read (never written)
+BEHAVIOR_DIR = "_behavior"  # behavior-model artifacts inside a dataset folder (hidden likewise)
 DEFAULT_ROWS_PER_FILE = 262_144  # 4 row groups; shards are encoded two at a time
 DEFAULT_ROW_GROUP_SIZE = 65_536
 DEFAULT_COMPRESSION = "snappy"  # Parquet's default; zstd is ~25% slower to write, ~10% smaller
@@ -71,6 +74,41 @@ class SourcedTable(NamedTuple):
             source, row = self.locate(row - self.row_offset)
         return sc.DataError.at(source, err.column, row, err.problem,
                                label=None if label == err.column else label)
+
+
+def json_safe(value: Any) -> Any:
+    """`value` as strict JSON: for card fields copied from foreign metadata (Minari, ...).
+
+    Sets become sorted lists (strings, then numbers, then the rest), numpy scalars and arrays
+    plain numbers and (nested) lists, tuples lists, mapping keys strings, bytes UTF-8 text,
+    non-finite floats the strings "nan" / "inf" / "-inf" (as Box bounds are written), and any
+    other object its `repr`: unknown metadata never stops a card from being written.
+    """
+    if value is None or isinstance(value, bool | str | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else ("nan" if math.isnan(value) else
+                                                   "inf" if value > 0 else "-inf")
+    if isinstance(value, np.generic | np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, Mapping):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, set | frozenset):
+        return sorted((json_safe(item) for item in value), key=_set_order)
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return repr(value)
+
+
+def _set_order(item: Any) -> tuple[int, Any]:
+    """Sort key of a set's JSON-safe items: strings, then numbers, then the rest by JSON text."""
+    if isinstance(item, str):
+        return (0, item)
+    if isinstance(item, int | float) and not isinstance(item, bool):
+        return (1, item)
+    return (2, json.dumps(item, sort_keys=True))
 
 
 # --- streaming statistics ----------------------------------------------------------------------
@@ -406,7 +444,7 @@ def _check_replaceable(out: Path, overwrite: bool) -> None:
     if not overwrite:
         raise DatasetExistsError(f"{out}: already exists; pass overwrite (--overwrite) to "
                                  f"replace it.")
-    if not out.is_dir() or not (out / CARD_NAME).is_file():
+    if not is_dataset(out):
         raise DatasetExistsError(f"{out}: exists and is not a dataset folder (no {CARD_NAME}); "
                                  f"refusing to replace it.")
 
@@ -435,7 +473,7 @@ def clean_stale(out: Path) -> None:
             continue
         if int(pid) == os.getpid() or _pid_alive(int(pid)):
             continue
-        if kind == "old" and not out.exists() and (stale / CARD_NAME).is_file():
+        if kind == "old" and not out.exists() and is_dataset(stale):
             os.rename(stale, out)
         else:
             shutil.rmtree(stale, ignore_errors=True)
@@ -606,9 +644,9 @@ def write_dataset(
         full_card = _complete_card(
             card, out, schema=schema, files=files, stats=stats.summary(),
             action_space=action_space_json or actions.space(discrete), filled=filled, steps=steps)
-        card_path = tmp / CARD_NAME
-        card_path.write_text(json.dumps(full_card, indent=2, allow_nan=False) + "\n")
-        _fsync_path(card_path)
+        card_file = tmp / CARD_NAME
+        card_file.write_text(json.dumps(full_card, indent=2, allow_nan=False) + "\n")
+        _fsync_path(card_file)
         _fsync_path(tmp)
         _replace(tmp, out, overwrite)
     except BaseException:
@@ -677,27 +715,45 @@ class _SeenEpisodes:
 # --- reading ---------------------------------------------------------------------------------
 
 
+def card_path(dataset_dir: Path) -> Path:
+    """The card file of the dataset folder `dataset_dir`: `_dataset.json`, or the
+    `dataset.json` of a folder written before the rename when only that one exists.
+
+    The path is returned whether or not it exists (`card_path(d).is_file()` tests for a dataset).
+    """
+    folder = Path(dataset_dir)
+    current = folder / CARD_NAME
+    legacy = folder / LEGACY_CARD_NAME
+    return legacy if not current.exists() and legacy.is_file() else current
+
+
+def is_dataset(path: Path) -> bool:
+    """Whether `path` is a dataset folder (it holds a card, current or legacy name)."""
+    return Path(path).is_dir() and card_path(path).is_file()
+
+
 def read_card(path: Path) -> dict[str, Any]:
-    """The `dataset.json` card of the dataset folder `path` (or the card file itself).
+    """The card of the dataset folder `path` (or the card file itself): `card_path(path)`.
 
     Raises:
         FileNotFoundError: no such folder or card.
         DataError: the card is not valid JSON or has an unsupported schema version.
     """
     path = Path(path)
-    card_path = path if path.name == CARD_NAME and path.is_file() else path / CARD_NAME
+    is_card = path.name in (CARD_NAME, LEGACY_CARD_NAME) and path.is_file()
+    card_file = path if is_card else card_path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such dataset folder.")
-    if not card_path.is_file():
+    if not card_file.is_file():
         raise FileNotFoundError(f"{path}: no {CARD_NAME} here (not a dataset written by "
                                 f"offpg ingest).")
     try:
-        card = json.loads(card_path.read_text())
+        card = json.loads(card_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise sc.DataError(f"{card_path}: not valid JSON ({err.msg}, line {err.lineno}).") from None
+        raise sc.DataError(f"{card_file}: not valid JSON ({err.msg}, line {err.lineno}).") from None
     version = card.get("schema_version")
     if version != sc.SCHEMA_VERSION:
-        raise sc.DataError(f"{card_path}: schema_version {version!r} is not supported (this "
+        raise sc.DataError(f"{card_file}: schema_version {version!r} is not supported (this "
                            f"version reads {sc.SCHEMA_VERSION}).")
     return card
 
@@ -712,7 +768,7 @@ def dataset_files(path: Path) -> list[Path]:
     files = [path / entry["name"] for entry in read_card(path)["files"]]
     for file in files:
         if not file.is_file():
-            raise FileNotFoundError(f"{file}: listed in {path / CARD_NAME} but missing.")
+            raise FileNotFoundError(f"{file}: listed in {card_path(path)} but missing.")
     return files
 
 

@@ -23,6 +23,7 @@ import pytest
 from typer.testing import CliRunner
 
 from offpg_offline.cli import app
+from offpg_offline.data.store import card_path
 
 ROOT = Path(__file__).resolve().parents[2]
 WEAK = ROOT / "datasets" / "cartpole-weak"
@@ -434,15 +435,15 @@ def _dataset_copy(tmp: Path) -> Path:
 
 def _info_corrupt_card(tmp: Path) -> list[str]:
     copy = _dataset_copy(tmp)
-    (copy / "dataset.json").write_text('{"schema_version": 1, "files": [')
+    card_path(copy).write_text('{"schema_version": 1, "files": [')
     return ["info", str(copy)]
 
 
 def _info_future_schema(tmp: Path) -> list[str]:
     copy = _dataset_copy(tmp)
-    card = json.loads((copy / "dataset.json").read_text())
+    card = json.loads(card_path(copy).read_text())
     card["schema_version"] = 99
-    (copy / "dataset.json").write_text(json.dumps(card))
+    card_path(copy).write_text(json.dumps(card))
     return ["info", str(copy)]
 
 
@@ -564,7 +565,7 @@ CASES = [
     # train options
     Case("train-negative-steps", lambda tmp: ["train", str(WEAK), "--steps", "-3"],
          ("steps", "-3")),
-    Case("train-not-a-dataset", lambda tmp: ["train", str(tmp)], ("no dataset.json",)),
+    Case("train-not-a-dataset", lambda tmp: ["train", str(tmp)], ("no _dataset.json",)),
     Case("train-resume-traversal", lambda tmp: ["train", str(WEAK), "--resume", "../../etc"],
          ("../../etc", "run id")),
     # behavior fit

@@ -7,6 +7,7 @@ DataCollector needs jax); `tests/conftest.py` points MINARI_DATASETS_PATH at a t
 from __future__ import annotations
 
 import itertools
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -404,3 +405,94 @@ def test_bench_dataset_ingests_with_its_propensities(tmp_path, data_format) -> N
     np.testing.assert_array_equal(
         got["logged_logp"], np.where(got["action"] == 1, -0.4, -1.1).astype(np.float32))
     assert got["truncated"].sum() == 3 and not got["terminated"].any()
+
+
+# --- published datasets: the metadata every dataset on Minari's server carries -----------------
+
+
+def _publish(dataset_id: str, log: Log, data_format: str) -> minari.MinariDataset:
+    """A dataset made the way published ones are: all the metadata fields, both env specs."""
+    dataset = minari.create_dataset_from_buffers(
+        dataset_id, _buffers(log, _reset_first("action_log_prob")),
+        env=gym.make("CartPole-v1").spec, eval_env="CartPole-v1", data_format=data_format,
+        algorithm_name="PPO (SB3)", author={"Zoë Müller", "Ana Bee"},
+        author_email={"zoe@example.org", "ana@example.org"},
+        code_permalink="https://example.org/train.py#L10",
+        description="Expert CartPole — politique « PPO » ✓", ref_min_score=9.5,
+        ref_max_score=500.0, num_episodes_average_score=7)
+    dataset.storage.update_metadata({
+        "extra": {"nested": {"none": None, "list": [1, 2.5, "three"]}, "tags": {"b", "a"}},
+        "notes": None, "threshold": float("nan"), "unicode_key_ß": "Ω"})
+    return dataset
+
+
+@pytest.mark.parametrize("data_format", ["arrow", "hdf5"])
+def test_published_metadata_lands_in_the_card_json_safe(tmp_path, cartpole_log,
+                                                        data_format) -> None:
+    # Fails on the old code with "Object of type set is not JSON serializable" (author is a set).
+    _publish(f"pub/cartpole-{data_format}-v0", cartpole_log, data_format)
+
+    out = ingest_minari(f"pub/cartpole-{data_format}-v0", tmp_path / "ds")
+
+    _assert_equal_to_log(out, cartpole_log)
+    card = read_card(out)
+    assert card["behavior"] == {
+        "algorithm_name": "PPO (SB3)",
+        "author": ["Ana Bee", "Zoë Müller"],  # Minari's sets, as sorted lists
+        "author_email": ["ana@example.org", "zoe@example.org"],
+        "code_permalink": "https://example.org/train.py#L10",
+    }
+    assert card["description"] == "Expert CartPole — politique « PPO » ✓"
+    assert card["source"]["ref_min_score"] == 9.5
+    assert card["source"]["ref_max_score"] == 500.0
+    assert card["source"]["eval_env_spec"]["id"] == "CartPole-v1"
+    assert card["env_spec"]["id"] == "CartPole-v1"
+    metadata = card["source"]["metadata"]
+    assert metadata["num_episodes_average_score"] == 7
+    assert metadata["total_episodes"] == 12 and metadata["total_steps"] == cartpole_log.n_steps
+    # minari writes a set in custom metadata as a list in arbitrary order: kept as a list
+    assert sorted(metadata["extra"]["tags"]) == ["a", "b"]
+    assert metadata["extra"]["nested"] == {"none": None, "list": [1, 2.5, "three"]}
+    assert metadata["notes"] is None
+    assert metadata["threshold"] == "nan"  # strict JSON has no NaN
+    assert metadata["unicode_key_ß"] == "Ω"
+    # the card file itself is strict JSON (no NaN/Infinity tokens)
+    from offpg_offline.data.store import card_path
+    json.loads(card_path(out).read_text(), parse_constant=lambda token: 1 / 0)
+
+
+def test_unknown_metadata_of_any_type_is_never_a_crash(tmp_path, cartpole_log) -> None:
+    # metadata.json written by another tool: odd types, nested lists, Infinity, no description.
+    dataset = _publish("pub/odd-v0", cartpole_log, "arrow")
+    meta_path = Path(dataset.storage.data_path) / "metadata.json"
+    raw = json.loads(meta_path.read_text())
+    raw.update({"ref_max_score": float("inf"),
+                "weird": [[1, [2, {"x": None}]], True], "description": None})
+    meta_path.write_text(json.dumps(raw))
+
+    out = ingest_minari("pub/odd-v0", tmp_path / "ds")
+
+    card = read_card(out)
+    assert card["source"]["ref_max_score"] == "inf"
+    assert card["source"]["metadata"]["weird"] == [[1, [2, {"x": None}]], True]
+    assert card["description"] == "Minari dataset pub/odd-v0"
+
+
+def test_download_offline_fails_in_one_sentence(tmp_path, monkeypatch) -> None:
+    # HF_HUB_OFFLINE makes huggingface_hub refuse every request: what an offline machine sees.
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError) as caught:
+        ingest_minari("D4RL/door/human-v2", tmp_path / "ds", download=True)
+    message = str(caught.value)
+    assert message.startswith("cannot reach the Minari server for D4RL/door/human-v2; ")
+    assert "\n" not in message
+    assert not (tmp_path / "ds").exists()
+
+    result = CliRunner().invoke(app, ["ingest", "minari", "D4RL/door/human-v2", "--download",
+                                      "--out", str(tmp_path / "ds")])
+    assert result.exit_code == 2
+    assert "cannot reach the Minari server for D4RL/door/human-v2; " in result.output
+    assert "Traceback" not in result.output

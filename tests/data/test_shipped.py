@@ -33,7 +33,7 @@ def test_card_matches_files(name: str) -> None:
     assert card["name"] == name
     assert sum(f.stat().st_size for f in path.iterdir()) < MAX_BYTES
     assert sorted(p.name for p in path.iterdir()) == sorted(
-        ["dataset.json", *(f["name"] for f in card["files"])])
+        ["_dataset.json", *(f["name"] for f in card["files"])])
     for entry in card["files"]:
         assert hashlib.sha256((path / entry["name"]).read_bytes()).hexdigest() == entry["sha256"]
     spec = SYNTHETIC[name]

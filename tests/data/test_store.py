@@ -237,7 +237,7 @@ def test_existing_output_is_refused_then_replaced_atomically(tmp_path, make_log)
     assert read_card(out)["name"] == "old"
     write_dataset(out, [make_log([2], seed=2)], card={"name": "new"}, overwrite=True)
     assert read_card(out)["name"] == "new" and read_card(out)["counts"]["steps"] == 2
-    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "part-00000.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == ["_dataset.json", "part-00000.parquet"]
     assert _leftovers(tmp_path) == []
 
 
@@ -269,9 +269,9 @@ def test_read_card_errors(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="no such dataset folder"):
         read_card(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"no dataset\.json here"):
+    with pytest.raises(FileNotFoundError, match=r"no _dataset\.json here"):
         read_card(tmp_path / "empty")
-    (tmp_path / "empty" / "dataset.json").write_text(json.dumps({"schema_version": 2}))
+    (tmp_path / "empty" / "dataset.json").write_text(json.dumps({"schema_version": 2}))  # legacy
     with pytest.raises(DataError, match="schema_version 2 is not supported"):
         read_card(tmp_path / "empty")
 
@@ -282,7 +282,7 @@ def test_card_keeps_given_fields_and_strict_json(tmp_path, make_log) -> None:
             "action_space": {"type": "Discrete", "dtype": "int64", "start": 0, "n": 3},
             "propensity": {"logged_logp": {"source": "logger"}}}
     out = write_dataset(tmp_path / "ds", [make_log([2, 2])], card=card)
-    written = json.loads((out / "dataset.json").read_text(), parse_constant=lambda c: 1 / 0)
+    written = json.loads((out / "_dataset.json").read_text(), parse_constant=lambda c: 1 / 0)
     for key, value in card.items():
         if key != "propensity":
             assert written[key] == value
