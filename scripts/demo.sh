@@ -8,8 +8,9 @@ dataset=${OFFPG_DEMO_DATASET:-datasets/cartpole-eps}
 offpg info "$dataset"
 offpg train "$dataset" "$@" | tee /tmp/offpg-demo.$$.log
 python - "$dataset" /tmp/offpg-demo.$$.log <<'PY'
-import json, re, sys
-card = json.load(open(f"{sys.argv[1]}/dataset.json"))
+import re, sys
+from offpg_offline.data.store import read_card
+card = read_card(sys.argv[1])
 log = open(sys.argv[2]).read()
 def grab(key):
     match = re.search(re.escape(key) + r" ([-0-9.e+]+)", log)
