@@ -1,33 +1,78 @@
 """`offpg` command line. Parses, composes, reports; the work happens in the job functions.
 
 Heavy modules (torch, pyarrow, mlflow, minari) are imported inside the commands, so
-`offpg --help` stays fast. User errors print one sentence and exit with code 2.
+`offpg --help` stays fast. The options of `train` (and of every job with a config dataclass)
+are generated from the config's fields by `config_options`: one option per field, its help and
+default taken from the field. User errors print one line and exit with code 2.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+import sys
+from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
+from typer._click import exceptions as click_errors  # typer vendors click
+from typer.core import TyperGroup
 
 from offpg_offline.config import (
-    Baseline,
-    ClipMode,
+    ConfigError,
     EstimatorName,
-    Init,
-    PolicyKind,
     Propensity,
     RunConfig,
     TrackingConfig,
     TrainConfig,
-    as_params,
+    check_output_folder,
+    field_types,
+    flag_of,
     load_config,
-    parse_config,
+    parse_value,
 )
+from offpg_offline.jobs import record
+from offpg_offline.jobs import sweep as sweeps
+
+
+def one_line(message: str) -> str:
+    """`message` on one line: newlines and other control characters escaped (`\\n`)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message))
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input, not a bug: config and data errors, missing files."""
+    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError, NotADirectoryError,
+                                         IsADirectoryError, PermissionError]
+    schema = sys.modules.get("offpg_offline.data.schema")  # loaded iff data was touched
+    if schema is not None:
+        errors.append(schema.DataError)
+    return tuple(errors)
+
+
+class _OneLineErrors(TyperGroup):
+    """The top-level handler: usage errors and known user errors become one `error:` line
+    (exit 2) instead of click's usage panel or a traceback."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click_errors.NoArgsIsHelpError:
+            raise
+        except click_errors.ClickException as err:
+            where = f" (see `{err.ctx.command_path} --help`)" if getattr(err, "ctx", None) else ""
+            _print_error(err.format_message() + where)
+            raise typer.Exit(code=2) from None
+        except _user_errors() as err:
+            _print_error(str(err))
+            raise typer.Exit(code=2) from None
+
 
 app = typer.Typer(
+    cls=_OneLineErrors,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Train and evaluate policies from logged trajectories by off-policy policy gradient.",
@@ -40,10 +85,125 @@ app.add_typer(ingest_app, name="ingest")
 app.add_typer(behavior_app, name="behavior")
 
 
+def _print_error(message: str) -> None:
+    typer.secho(f"error: {one_line(message)}", err=True, fg="red")
+
+
 def fail(message: str) -> NoReturn:
-    """Print one sentence on stderr and exit with code 2 (user error, no traceback)."""
-    typer.secho(f"error: {message}", err=True, fg="red")
+    """Print one line on stderr and exit with code 2 (user error, no traceback)."""
+    _print_error(message)
     raise typer.Exit(code=2)
+
+
+# --- options generated from config dataclasses ---
+
+
+def _metavar(cls: type, key: str) -> str:
+    """`INTEGER`, `FLOAT`, `SIZES`, `[a|b]` for enums and choices; `|none` when optional."""
+    base, optional, is_tuple = field_types(cls)[key]
+    choices = cls.__dataclass_fields__[key].metadata.get("choices")  # type: ignore[attr-defined]
+    if isinstance(base, type) and issubclass(base, Enum):
+        choices = tuple(str(member.value) for member in base)
+    name = ("SIZES" if is_tuple else "[" + "|".join(choices) + "]" if choices
+            else {int: "INTEGER", float: "FLOAT"}.get(base, "TEXT"))
+    return name + ("|none" if optional else "")
+
+
+def _parser(cls: type, key: str) -> Callable[[str], Any]:
+    """The option's text parser: `config.parse_value`, the one parser of options, `--grid` and
+    TOML text (ranges are checked when the config is built)."""
+
+    def parse(text: str) -> Any:
+        if not isinstance(text, str):
+            return text
+        try:
+            return parse_value(cls, key, text)
+        except ConfigError as err:
+            raise typer.BadParameter(err.problem) from None
+
+    return parse
+
+
+def _shown_default(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value.value if isinstance(value, Enum) else value)
+
+
+def _option(cls: type, f: dataclasses.Field[Any], panel: str | None) -> Any:
+    """The `Annotated` type of the option of field `f`: help from the field, default shown."""
+    base, optional, _ = field_types(cls)[f.name]
+    flag = flag_of(cls, f.name)
+    info = {"help": f.metadata.get("help"), "show_default": _shown_default(f.default),
+            "rich_help_panel": panel}
+    if base is bool and not optional:
+        return Annotated[bool | None, typer.Option(f"{flag}/--no-{flag[2:]}", **info)]
+    return Annotated[Any, typer.Option(flag, parser=_parser(cls, f.name),
+                                       metavar=_metavar(cls, f.name), **info)]
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def config_options(cls: type, *, into: str, panel: str | None = None,
+                   exclude: frozenset[str] = frozenset()) -> Callable[[F], F]:
+    """Give a Typer command one option per field of config dataclass `cls` (bar `exclude`).
+
+    Each option is `--field-name` (or the field's `flag`), with the field's help text and
+    default; optional fields accept `none`. The command receives the options given on the
+    command line as the keyword `into`: {field: value} (options left out are absent, so a TOML
+    file or the config's defaults decide them). Stack it under `@app.command()`.
+    """
+    fields = [f for f in dataclasses.fields(cls) if f.name not in exclude]
+
+    def decorate(func: F) -> F:
+        signature = inspect.signature(func, eval_str=True)
+        params = [p for p in signature.parameters.values() if p.name != into]
+        clash = {p.name for p in params} & {f.name for f in fields}
+        if clash:
+            raise TypeError(f"{func.__name__} already has parameter(s) {sorted(clash)}")
+        params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                     annotation=_option(cls, f, panel)) for f in fields]
+
+        @functools.wraps(func)
+        def command(**kwargs: Any) -> Any:
+            values = {f.name: kwargs.pop(f.name, None) for f in fields}
+            given = {key: value for key, value in values.items() if value is not None}
+            return func(**kwargs, **{into: given})
+
+        command.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command  # type: ignore[return-value]
+
+    return decorate
+
+
+def _resolve(config: Path | None, train_options: dict[str, Any],
+             tracking_options: dict[str, Any]) -> RunConfig:
+    """The TOML file (or defaults) with the given options on top; errors name the option."""
+    try:
+        run = load_config(config) if config else RunConfig()
+    except ValueError as err:
+        fail(str(err))
+    try:
+        return dataclasses.replace(
+            run, train=dataclasses.replace(run.train, **train_options),
+            tracking=dataclasses.replace(run.tracking, **tracking_options))
+    except ConfigError as err:
+        given = err.key in train_options or err.key in tracking_options
+        fail(err.as_option() if given or config is None else f"{config}: {err}")
+
+
+def _check_output(out_dir: Path | None) -> None:
+    if out_dir is not None:
+        try:
+            check_output_folder(out_dir, "--out-dir")
+        except ValueError as err:
+            fail(str(err))
 
 
 def _has_card(folder: Path) -> bool:
@@ -189,116 +349,57 @@ def info(
 # --- train command ---
 
 
-def _run_name(config: TrainConfig) -> str:
-    parts = [config.estimator.value]
-    if config.clip is not None:
-        parts.append(f"clip{config.clip:g}-{config.clip_mode.value}")
-    if config.ppo_epsilon is not None:
-        parts.append(f"ppo{config.ppo_epsilon:g}")
-    if config.kl_coef:
-        parts.append(f"kl{config.kl_coef:g}")
-    if config.self_normalize:
-        parts.append("sn")
-    if config.baseline.value != "none":
-        parts.append(f"b-{config.baseline.value}")
-    if config.init.value == "bc":
-        parts.append("bc")
-    parts.append(f"s{config.seed}")
-    return "-".join(parts)
-
-
 @app.command()
+@config_options(TrackingConfig, into="tracking_options", panel="Tracking")
+@config_options(TrainConfig, into="train_options", panel="Training")
 def train(
     dataset: Annotated[Path, typer.Argument(help="Dataset folder (offpg ingest output).")],
-    estimator: Annotated[EstimatorName | None, typer.Option(help="Surrogate (DESIGN §3).")] = None,
-    propensity: Annotated[Propensity | None, typer.Option(help="logged or estimated.")] = None,
-    config: Annotated[Path | None, typer.Option(help="TOML run config.")] = None,
-    steps: Annotated[int | None, typer.Option(help="Gradient steps.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Adam learning rate.")] = None,
-    gamma: Annotated[float | None, typer.Option(help="Discount γ.")] = None,
-    batch_episodes: Annotated[int | None, typer.Option(help="Episodes per batch.")] = None,
-    batch_steps: Annotated[int | None, typer.Option(help="Steps per batch (per-step).")] = None,
-    clip: Annotated[float | None, typer.Option(help="Cap c on importance weights.")] = None,
-    clip_mode: Annotated[ClipMode | None, typer.Option(help="step or cumulative.")] = None,
-    self_normalize: Annotated[bool | None, typer.Option(help="Weighted IS.")] = None,
-    baseline: Annotated[Baseline | None, typer.Option(help="none, constant or value.")] = None,
-    standardize_returns: Annotated[bool | None, typer.Option(help="Standardise G_t.")] = None,
-    kl_coef: Annotated[float | None, typer.Option(help="KL(π_θ‖π_β) penalty weight.")] = None,
-    ppo_epsilon: Annotated[float | None, typer.Option(help="Clip ρ_t to [1-ε, 1+ε].")] = None,
-    psis: Annotated[bool | None, typer.Option(help="Pareto-smoothed weights.")] = None,
-    init: Annotated[Init | None, typer.Option(help="random or bc.")] = None,
-    policy: Annotated[PolicyKind | None, typer.Option(help="Target-policy family.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
-    checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
-    eval_every: Annotated[int | None, typer.Option(help="Online evaluation every N steps.")] = None,
-    eval_episodes: Annotated[int | None, typer.Option(help="Episodes per evaluation.")] = None,
-    env: Annotated[str | None, typer.Option(help="gymnasium env id for online evaluation.")] = None,
-    select_by: Annotated[str | None, typer.Option(
-        help="Ship the checkpoint with the best OPE score on the validation split "
-             "(is, wis, pdis, wpdis, dr, wdr, fqe; + _ci_low or _lb).")] = None,
-    experiment: Annotated[str | None, typer.Option(help="MLflow experiment name.")] = None,
-    run_name: Annotated[str | None, typer.Option(help="MLflow run name.")] = None,
-    out_dir: Annotated[Path | None, typer.Option(help="Checkpoint folder.")] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="TOML run config (\\[train] and \\[tracking] tables); options override it.")] = None,
+    out_dir: Annotated[Path | None, typer.Option(
+        help="Checkpoint folder (default: runs/RUN_ID).")] = None,
     resume: Annotated[str | None, typer.Option(
         help="Continue run RUN_ID from its last checkpoint, with its configuration.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
-    stream: Annotated[bool | None, typer.Option(
-        help="Stream the log from Parquet (automatic above --memory-budget).")] = None,
-    memory_budget: Annotated[float | None, typer.Option(
-        help="GB the in-memory trainer may use; larger logs are streamed.")] = None,
     nproc: Annotated[int, typer.Option(
         help="Data-parallel processes on this machine, via torchrun (gloo on CPU, nccl on GPU)."
     )] = 1,
+    *,
+    train_options: dict[str, Any],
+    tracking_options: dict[str, Any],
 ) -> None:
     """Train a target policy on DATASET and record the run in MLflow."""
-    overrides = {key: value for key, value in locals().items()
-                 if key in TrainConfig.__dataclass_fields__ and value is not None}
     if resume is not None:
-        _resume(dataset, resume, out_dir, given=[*overrides, *(["config"] if config else [])])
+        given = [*(flag_of(TrainConfig, key) for key in train_options),
+                 *(flag_of(TrackingConfig, key) for key in tracking_options),
+                 *(["--config"] if config else [])]
+        _resume(dataset, resume, out_dir, given)
         return
-    try:
-        run = load_config(config) if config else RunConfig()
-        run = dataclasses.replace(
-            run, train=dataclasses.replace(run.train, **overrides),
-            tracking=dataclasses.replace(
-                run.tracking, **{k: v for k, v in {"experiment": experiment,
-                                                   "run_name": run_name}.items() if v}))
-    except (ValueError, TypeError) as err:
-        fail(str(err))
+    run = _resolve(config, train_options, tracking_options)
     if not _has_card(dataset):
         fail(f"{dataset} is not a dataset folder (no _dataset.json); make one with `offpg ingest`")
-    if nproc > 1:
-        _launch_torchrun(dataset, run, nproc, out_dir)
     if nproc < 1:
         fail(f"--nproc must be at least 1, got {nproc}")
+    _check_output(out_dir)
+    if nproc > 1:
+        _launch_torchrun(dataset, run, nproc, out_dir)
 
     import os
 
-    from offpg_offline import train as train_job  # torch and mlflow load only here
-
     if os.environ.get("RANK", "0") != "0":  # a torchrun rank other than 0: no tracking, no output
+        from offpg_offline import train as train_job  # torch loads only here
+
         try:
             train_job.train(dataset, run.train, out_dir=out_dir)
         except (ValueError, FileNotFoundError) as err:
             fail(str(err))
         return
-
-    from offpg_offline import tracking
-    from offpg_offline.data.store import read_card
-
-    card = read_card(dataset)
     try:
-        with tracking.MlflowTracker.start(
-            run.tracking, experiment=str(card.get("name", dataset.name)),
-            run_name=_run_name(run.train),
-        ) as tracker:
-            tracker.fallback_dir = out_dir or tracker.fallback_dir  # beside the checkpoints
-            result = _train_recorded(tracker, dataset, card, run,
-                                     out_dir or Path("runs") / tracker.run_id, progress=True)
+        run_id, result = record.train_run(dataset, run, out_dir)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
-    summary = [f"run {tracker.run_id} ({_run_name(run.train)})"]
+    from offpg_offline import tracking
+
+    summary = [f"run {run_id} ({record.run_name(run.train)})"]
     for key in ("bc/return_mean", "online/return_mean", "online/greedy_return_mean",
                 "ope/pdis_validation", "weights/ess_fraction"):
         if key in result.metrics:
@@ -327,7 +428,7 @@ def _launch_torchrun(dataset: Path, run: RunConfig, nproc: int, out_dir: Path | 
 
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "config.toml"
-        config_path.write_text(_to_toml(run))
+        config_path.write_text(record.to_toml(run))
         args = [str(dataset), "--config", str(config_path)]
         if out_dir is not None:
             args += ["--out-dir", str(out_dir)]
@@ -337,67 +438,19 @@ def _launch_torchrun(dataset: Path, run: RunConfig, nproc: int, out_dir: Path | 
     raise typer.Exit(0)
 
 
-def _train_recorded(tracker: Any, dataset: Path, card: dict[str, Any], run: RunConfig,
-                    out_dir: Path, *, progress: bool) -> Any:
-    """One recorded training run: dataset input, config TOML, training, then plots and model."""
-    from offpg_offline import train as train_job
-
-    tracker.log_dataset(dataset, card)
-    tracker.log_text(_to_toml(run), "config.toml")
-    result = train_job.train(dataset, run.train, tracker=tracker, out_dir=out_dir,
-                             progress=progress)
-    _record_run(tracker, dataset, card, run.train, result)  # plots, model (compare section)
-    return result
-
-
 def _resume(dataset: Path, run_id: str, out_dir: Path | None, given: list[str]) -> None:
     """`offpg train DATASET --resume RUN_ID`: same run, same config, from the last checkpoint."""
     if given:
-        fail(f"--resume takes the run's own configuration; drop --{given[0].replace('_', '-')}")
+        fail(f"--resume takes the run's own configuration; drop {given[0]}")
     if not run_id.replace("-", "").replace("_", "").isalnum() or not run_id.isascii():
         fail(f"--resume {run_id!r} is not a run id (letters, digits, '-' and '_' only)")
-    from offpg_offline import tracking
-    from offpg_offline import train as train_job
-    from offpg_offline.data.store import read_card
-
     try:
-        text = tracking.run_artifact_text(TrackingConfig(), run_id, "config.toml")
-        run = parse_config(text, source=f"run {run_id} config.toml")
-        folder = out_dir or Path("runs") / run_id
-        checkpoint = train_job.latest_checkpoint(folder)
-        if checkpoint is None:
-            fail(f"no checkpoint of run {run_id} in {folder}; pass --out-dir where it saved them")
-        with tracking.MlflowTracker.start(run.tracking, experiment="", run_name="",
-                                          run_id=run_id) as tracker:
-            tracker.fallback_dir = folder
-            result = train_job.train(dataset, run.train, tracker=tracker, out_dir=folder,
-                                     progress=True, resume=checkpoint)
-            _record_run(tracker, dataset, read_card(dataset), run.train, result)
+        checkpoint, result = record.resume_run(dataset, run_id, out_dir)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
     typer.echo(f"run {run_id} resumed from {checkpoint.name}; "
                f"online/return_mean {result.metrics.get('online/return_mean', float('nan')):.4g}")
     typer.echo(f"checkpoint: {result.checkpoint}")
-
-
-def _to_toml(run: RunConfig) -> str:
-    """The resolved config as TOML (None values omitted, enums as strings)."""
-    lines = []
-    for table in ("train", "tracking"):
-        lines.append(f"[{table}]")
-        for key, value in as_params(getattr(run, table)).items():
-            if value == "none" and getattr(getattr(run, table), key) is None:
-                continue
-            if key == "hidden":
-                lines.append(f"hidden = [{value}]")
-            elif isinstance(value, bool):
-                lines.append(f"{key} = {str(value).lower()}")
-            elif isinstance(value, int | float):
-                lines.append(f"{key} = {value!r}")
-            else:
-                lines.append(f'{key} = "{value}"')
-        lines.append("")
-    return "\n".join(lines)
 
 
 # --- behavior commands ---
@@ -763,8 +816,6 @@ def sweep(
         help="Checkpoint folder (one sub-folder per run).")] = None,
 ) -> None:
     """Train every estimator × grid cell × seed as child runs of one parent MLflow run."""
-    import itertools
-
     try:
         estimators = [EstimatorName(e.strip()) for e in estimator.split(",") if e.strip()]
     except ValueError as err:
@@ -775,68 +826,38 @@ def sweep(
         fail(f"--seeds must be comma-separated integers, got {seeds!r}")
     if not estimators or not seed_list:
         fail("--estimator and --seeds need at least one value each")
-    axes = [_grid_values(spec) for spec in grid or []]
-    varied = [key for key, values in axes if len(values) > 1]
     try:
-        base = load_config(config) if config else RunConfig()
-        if steps is not None:
-            base = dataclasses.replace(base, train=dataclasses.replace(base.train, steps=steps))
-        if experiment:
-            base = dataclasses.replace(
-                base, tracking=dataclasses.replace(base.tracking, experiment=experiment))
-        configs = [
-            dataclasses.replace(base.train, estimator=est, seed=seed,
-                                **dict(zip([k for k, _ in axes], cell, strict=True)))
-            for est in estimators
-            for cell in itertools.product(*(values for _, values in axes))
-            for seed in seed_list
-        ]
-    except (ValueError, TypeError) as err:
+        axes = [sweeps.grid_values(spec) for spec in grid or []]
+    except ValueError as err:
+        fail(str(err))
+    varied = [key for key, values in axes if len(values) > 1]
+    base = _resolve(config, {} if steps is None else {"steps": steps},
+                    {} if experiment is None else {"experiment": experiment})
+    try:
+        configs = sweeps.plan(base.train, estimators, seed_list, axes)
+    except ValueError as err:
         fail(str(err))
     if not _has_card(dataset):
         fail(f"{dataset} is not a dataset folder (no _dataset.json); make one with `offpg ingest`")
-
-    from offpg_offline import tracking
-    from offpg_offline.data.store import read_card
-
-    card = read_card(dataset)
-    name = str(card.get("name", dataset.name))
-    child_tracking = dataclasses.replace(base.tracking, run_name=None)
-    title = "sweep-" + "+".join(e.value for e in estimators) + "".join(f"-{k}" for k in varied)
+    _check_output(out_dir)
     try:
-        with tracking.MlflowTracker.start(base.tracking, experiment=name, run_name=title,
-                                          tags={"offpg.sweep": "true", "dataset": name}) as parent:
-            parent.log_params({"sweep.estimators": ",".join(e.value for e in estimators),
-                               "sweep.seeds": ",".join(map(str, seed_list)),
-                               "sweep.grid": " ".join(grid or []) or "none",
-                               "sweep.runs": len(configs), "sweep.steps": base.train.steps})
-            parent.log_text(_to_toml(base), "config.toml")
-            parent.log_dataset(dataset, card)
-            for i, train_config in enumerate(configs, 1):
-                run_name = _child_name(train_config, varied)
-                typer.echo(f"[{i}/{len(configs)}] {run_name}")
-                with tracking.MlflowTracker.start(
-                    child_tracking, experiment=name, run_name=run_name,
-                    tags={"mlflow.parentRunId": parent.run_id},
-                ) as child:
-                    _train_recorded(child, dataset, card, RunConfig(train_config, child_tracking),
-                                    (out_dir or Path("runs")) / child.run_id, progress=False)
-            runs = tracking.find_runs(parent.client, parent.experiment_id,
-                                      parent_run_id=parent.run_id)
-            typer.echo(f"sweep {parent.run_id}: {len(runs)} child runs")
-            _show_comparison(parent.client, parent.experiment_id, name, runs, metric, ope=None,
-                             lower_is_better=False, as_json=False, plot=None,
-                             parent=parent.run_id)
+        result = sweeps.run_sweep(dataset, base, configs, grid=grid or [], varied=varied,
+                                  metric=metric, out_dir=out_dir, progress=typer.echo)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
+    typer.echo(f"sweep {result.parent_run_id}: {len(result.runs)} child runs")
+    _print_comparison(result.experiment, "", result.runs, metric, result.ope, result.groups,
+                      result.plot, lower_is_better=False, as_json=False)
 
 
 @app.command("compare")
 def compare_command(
     experiment: Annotated[str | None, typer.Argument(
         help="Experiment name (default: the one with the latest run).")] = None,
-    metric: Annotated[str, typer.Option(help="Metric to rank by (its final value).")
-                      ] = "online/return_mean",
+    metric: Annotated[str, typer.Option(
+        help="Metric to rank by (its final value); eval:KEY (e.g. eval:ope/wdr) takes it from "
+             "the run's latest `offpg evaluate` on its validation split.")
+    ] = "online/return_mean",
     sweep_run: Annotated[str | None, typer.Option(
         "--sweep", help="Only the child runs of this sweep (its parent run id).")] = None,
     ope: Annotated[str | None, typer.Option(

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from offpg_offline.cli import _grid_values, app
+from offpg_offline.cli import app
+from offpg_offline.jobs.sweep import grid_values as _grid_values
 
 DATASET = Path(__file__).resolve().parents[1] / "datasets" / "cartpole-weak"
 

@@ -1,0 +1,206 @@
+"""Recorded training runs: one MLflow run per training, from its inputs to its shipped model.
+
+A recorded run logs, in order: the dataset as an input, the resolved config as `config.toml`
+(which `to_toml` writes and `config.parse_config` reads back to the same config, `None` values
+included), the training itself (`train.train` with the tracker), then the propensity source,
+the plots and the shipped policy as a model (`record_run`). `resume_run` continues a killed run
+from its last checkpoint with the config it recorded. Also here: run names, and the comparison
+plot of `offpg compare` / `offpg sweep`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tempfile
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from offpg_offline.config import (
+    Propensity,
+    RunConfig,
+    TrackingConfig,
+    TrainConfig,
+    as_params,
+    parse_config,
+)
+
+# The settings a run name shows (see `run_name`); a sweep adds the other settings it varies.
+NAMED_SETTINGS = frozenset({"estimator", "seed", "clip", "clip_mode", "ppo_epsilon", "kl_coef",
+                            "self_normalize", "baseline", "init"})
+
+
+def run_name(config: TrainConfig) -> str:
+    """`estimator[-clipC-mode][-ppoE][-klK][-sn][-b-baseline][-bc]-sSEED`, e.g.
+    `per-decision-clip3-step-kl2-s0`."""
+    parts = [config.estimator.value]
+    if config.clip is not None:
+        parts.append(f"clip{config.clip:g}-{config.clip_mode.value}")
+    if config.ppo_epsilon is not None:
+        parts.append(f"ppo{config.ppo_epsilon:g}")
+    if config.kl_coef:
+        parts.append(f"kl{config.kl_coef:g}")
+    if config.self_normalize:
+        parts.append("sn")
+    if config.baseline.value != "none":
+        parts.append(f"b-{config.baseline.value}")
+    if config.init.value == "bc":
+        parts.append("bc")
+    parts.append(f"s{config.seed}")
+    return "-".join(parts)
+
+
+def child_name(config: TrainConfig, varied: list[str]) -> str:
+    """The run name of `train`, plus the swept settings it does not already show."""
+    params = as_params(config)
+    extra = [f"{key}{params[key]}" for key in varied if key not in NAMED_SETTINGS]
+    base = run_name(config)
+    return "-".join([base.rsplit("-s", 1)[0], *extra, f"s{config.seed}"]) if extra else base
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: quotes, backslashes and control characters escaped."""
+    out = []
+    for char in text:
+        if char in '"\\':
+            out.append("\\" + char)
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
+
+
+def _toml_value(value: Any) -> str:
+    if value is None:
+        return '"none"'  # TOML has no null; config.coerce_value reads "none" back as None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Enum):
+        return _toml_string(str(value.value))
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return _toml_string(str(value))
+
+
+def to_toml(run: RunConfig) -> str:
+    """The resolved config as TOML, one table per part; `parse_config` reads it back equal."""
+    lines = []
+    for part in dataclasses.fields(run):
+        config = getattr(run, part.name)
+        lines.append(f"[{part.name}]")
+        lines += [f"{f.name} = {_toml_value(getattr(config, f.name))}"
+                  for f in dataclasses.fields(config)]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def record_run(tracker: Any, dataset: Path, card: dict[str, Any], config: TrainConfig,
+               result: Any) -> None:
+    """Complete a training run's record: propensity source, plots, the policy as a model."""
+    import numpy as np
+
+    from offpg_offline import plots
+    from offpg_offline.data.store import iter_record_batches
+
+    column = "logged_logp" if config.propensity is Propensity.LOGGED else "estimated_logp"
+    source = (card.get("propensity") or {}).get(column) or {}
+    tracker.set_tags({"propensity.source": str(source.get("source", "unknown"))})
+    with tempfile.TemporaryDirectory() as tmp:
+        if plots.write_run_plots(Path(tmp), tracker.metric_histories(), result.final_log_weights):
+            tracker.log_artifacts(Path(tmp), "plots")
+    first = next(iter_record_batches(dataset, ["obs"], batch_size=5)).column("obs")
+    example = np.asarray(first.to_pylist(), dtype=np.float32)
+    # The shipped policy: the checkpoint chosen by --select-by, else the final one.
+    tracker.log_policy_model(result.selected or result.checkpoint, example, step=config.steps)
+
+
+def train_recorded(tracker: Any, dataset: Path, card: dict[str, Any], run: RunConfig,
+                   out_dir: Path, *, progress: bool) -> Any:
+    """One recorded training run: dataset input, config TOML, training, then plots and model."""
+    from offpg_offline import train as train_job
+
+    tracker.log_dataset(dataset, card)
+    tracker.log_text(to_toml(run), "config.toml")
+    result = train_job.train(dataset, run.train, tracker=tracker, out_dir=out_dir,
+                             progress=progress)
+    record_run(tracker, dataset, card, run.train, result)
+    return result
+
+
+def train_run(dataset: Path, run: RunConfig, out_dir: Path | None) -> tuple[str, Any]:
+    """`offpg train`: a new MLflow run in the dataset's experiment; (run id, TrainResult).
+
+    Checkpoints go to `out_dir`, else `runs/RUN_ID`; unsent metrics are kept beside them.
+    """
+    from offpg_offline import tracking
+    from offpg_offline.data.store import read_card
+
+    card = read_card(dataset)
+    with tracking.MlflowTracker.start(
+        run.tracking, experiment=str(card.get("name", dataset.name)), run_name=run_name(run.train)
+    ) as tracker:
+        tracker.fallback_dir = out_dir or tracker.fallback_dir  # beside the checkpoints
+        result = train_recorded(tracker, dataset, card, run,
+                                out_dir or Path("runs") / tracker.run_id, progress=True)
+    return tracker.run_id, result
+
+
+def resume_run(dataset: Path, run_id: str, out_dir: Path | None) -> tuple[Path, Any]:
+    """`offpg train --resume RUN_ID`: the same run, with the config it recorded, continued from
+    its last checkpoint in `out_dir` (default `runs/RUN_ID`); (that checkpoint, TrainResult)."""
+    from offpg_offline import tracking
+    from offpg_offline import train as train_job
+    from offpg_offline.data.store import read_card
+
+    text = tracking.run_artifact_text(TrackingConfig(), run_id, "config.toml")
+    run = parse_config(text, source=f"run {run_id} config.toml")
+    folder = out_dir or Path("runs") / run_id
+    checkpoint = train_job.latest_checkpoint(folder)
+    if checkpoint is None:
+        raise ValueError(
+            f"no checkpoint of run {run_id} in {folder}; pass --out-dir where it saved them")
+    with tracking.MlflowTracker.start(run.tracking, experiment="", run_name="",
+                                      run_id=run_id) as tracker:
+        tracker.fallback_dir = folder
+        result = train_job.train(dataset, run.train, tracker=tracker, out_dir=folder,
+                                 progress=True, resume=checkpoint)
+        record_run(tracker, dataset, read_card(dataset), run.train, result)
+    return checkpoint, result
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def comparison(client: Any, experiment: str, runs: list[Any], metric: str, *,
+               ope: str | None, lower_is_better: bool, plot: Path | None,
+               parent: str | None) -> tuple[str | None, list[Any], list[str]]:
+    """Rank `runs` by `metric` (mean ± sd over seeds per configuration) and save the plot.
+
+    The plot is logged to run `parent` (artifact `compare/…`) when given, and written to `plot`
+    (default `compare-EXPERIMENT.png` when there is no parent). Returns (the OPE metric shown,
+    the ranked groups, where the plot went).
+    """
+    from offpg_offline import compare as ranking
+    from offpg_offline import plots, tracking
+
+    ope = ope or ranking.pick_ope(runs)
+    groups = ranking.summarize(runs, metric, ope=ope, lower_is_better=lower_is_better)
+    saved = []
+    with tempfile.TemporaryDirectory() as tmp:
+        figure = Path(tmp) / f"compare_{_safe(metric)}.png"
+        plots.comparison([g.label for g in groups], [list(g.metric_values) for g in groups],
+                         metric, figure)
+        if parent is not None:
+            tracking.log_file(client, parent, figure, "compare")
+            saved.append(f"run {parent} (artifact compare/{figure.name})")
+        if plot is not None or parent is None:
+            target = plot or Path(f"compare-{_safe(experiment)}.png")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(figure.read_bytes())
+            saved.append(str(target))
+    return ope, groups, saved
