@@ -827,8 +827,17 @@ def verify_dataset(path: Path) -> list[str]:
     return problems
 
 
-def dataset_digest(path: Path) -> str:
-    """A short content digest of a dataset: sha256 over its shards' sha256 (from the card)."""
-    card = read_card(path)
-    digest = hashlib.sha256("".join(f["sha256"] for f in card["files"]).encode())
-    return digest.hexdigest()[:16]
+def dataset_digest(card: Mapping[str, Any] | Path) -> str:
+    """The one content digest of a dataset (the card's, MLflow's dataset input's, a fit's).
+
+    digest = sha256(json.dumps(sorted([name, sha256] of every shard in the card)))[:32] in hex:
+    it changes when any shard's bytes or name change, not when the card's other keys do.
+    32 characters fit MLflow's 36-character digest field.
+
+    Args:
+        card: a card (`read_card`), or a dataset folder whose card is read.
+    """
+    if not isinstance(card, Mapping):
+        card = read_card(Path(card))
+    files = sorted([str(f["name"]), str(f["sha256"])] for f in card.get("files", []))
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:32]
