@@ -689,102 +689,24 @@ def evaluate(
 # --- compare / ui / sweep commands ---
 
 
-def _record_run(tracker: Any, dataset: Path, card: dict[str, Any], config: TrainConfig,
-                result: Any) -> None:
-    """Complete a training run's record: propensity source, plots, the policy as a model."""
-    import tempfile
-
-    import numpy as np
-
-    from offpg_offline import plots
-    from offpg_offline.data.store import iter_record_batches
-
-    column = "logged_logp" if config.propensity is Propensity.LOGGED else "estimated_logp"
-    source = (card.get("propensity") or {}).get(column) or {}
-    tracker.set_tags({"propensity.source": str(source.get("source", "unknown"))})
-    with tempfile.TemporaryDirectory() as tmp:
-        if plots.write_run_plots(Path(tmp), tracker.metric_histories(), result.final_log_weights):
-            tracker.log_artifacts(Path(tmp), "plots")
-    first = next(iter_record_batches(dataset, ["obs"], batch_size=5)).column("obs")
-    example = np.asarray(first.to_pylist(), dtype=np.float32)
-    # The shipped policy: the checkpoint chosen by --select-by, else the final one.
-    tracker.log_policy_model(result.selected or result.checkpoint, example, step=config.steps)
-
-
-def _grid_values(spec: str) -> tuple[str, list[Any]]:
-    """`key=v1,v2` → (key, typed values); `none` is None, `hidden` takes sizes like 64x64."""
-    from offpg_offline.config import coerce_field
-
-    key, sep, text = spec.partition("=")
-    key = key.strip().replace("-", "_")
-    fields = TrainConfig.__dataclass_fields__
-    if not sep or not text:
-        fail(f"--grid takes KEY=V1,V2,..., got {spec!r}")
-    if key in ("estimator", "seed"):
-        fail(f"use --{key if key == 'estimator' else 'seeds'} instead of --grid {key}=...")
-    if key not in fields:
-        fail(f"--grid {key}: not a [train] setting (one of {', '.join(sorted(fields))})")
-    kind = str(fields[key].type)
-    values: list[Any] = []
-    for raw in text.split(","):
-        raw = raw.strip()
-        try:
-            if raw.lower() == "none":
-                value: Any = None
-            elif key == "hidden":
-                value = tuple(int(h) for h in raw.split("x"))
-            elif kind.startswith("bool"):
-                if raw.lower() not in ("true", "false"):
-                    raise ValueError
-                value = raw.lower() == "true"
-            elif kind.startswith("int"):
-                value = int(raw)
-            elif kind.startswith("float"):
-                value = float(raw)
-            else:
-                value = coerce_field(key, raw)
-        except ValueError:
-            fail(f"--grid {key}: {raw!r} is not a valid {kind}")
-        values.append(value)
-    return key, values
-
-
-def _child_name(config: TrainConfig, varied: list[str]) -> str:
-    """The run name of `train`, plus the swept settings it does not already show."""
-    shown = {"estimator", "seed", "clip", "clip_mode", "ppo_epsilon", "kl_coef",
-             "self_normalize", "baseline", "init"}
-    params = as_params(config)
-    extra = [f"{key}{params[key]}" for key in varied if key not in shown]
-    base = _run_name(config)
-    return "-".join([base.rsplit("-s", 1)[0], *extra, f"s{config.seed}"]) if extra else base
-
-
 def _show_comparison(client: Any, experiment_id: str, experiment: str, runs: list[Any],
                      metric: str, *, ope: str | None, lower_is_better: bool, as_json: bool,
                      plot: Path | None, parent: str | None) -> None:
-    """Print the ranked table (or JSON); save the plot to `plot` and/or log it to `parent`."""
+    """Rank and plot (`record.comparison`), then print the table (or JSON)."""
+    ope, groups, saved = record.comparison(client, experiment, runs, metric, ope=ope,
+                                           lower_is_better=lower_is_better, plot=plot,
+                                           parent=parent)
+    _print_comparison(experiment, experiment_id, runs, metric, ope, groups, saved,
+                      lower_is_better=lower_is_better, as_json=as_json)
+
+
+def _print_comparison(experiment: str, experiment_id: str, runs: list[Any], metric: str,
+                      ope: str | None, groups: list[Any], saved: list[str], *,
+                      lower_is_better: bool, as_json: bool) -> None:
     import json
-    import re
-    import tempfile
 
     from offpg_offline import compare as ranking
-    from offpg_offline import plots, tracking
 
-    ope = ope or ranking.pick_ope(runs)
-    groups = ranking.summarize(runs, metric, ope=ope, lower_is_better=lower_is_better)
-    with tempfile.TemporaryDirectory() as tmp:
-        figure = Path(tmp) / f"compare_{re.sub(r'[^A-Za-z0-9_.-]+', '_', metric)}.png"
-        plots.comparison([g.label for g in groups], [list(g.metric_values) for g in groups],
-                         metric, figure)
-        saved = []
-        if parent is not None:
-            tracking.log_file(client, parent, figure, "compare")
-            saved.append(f"run {parent} (artifact compare/{figure.name})")
-        if plot is not None or parent is None:
-            target = plot or Path(f"compare-{re.sub(r'[^A-Za-z0-9_.-]+', '_', experiment)}.png")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(figure.read_bytes())
-            saved.append(str(target))
     if as_json:
         typer.echo(json.dumps({"experiment": experiment, "experiment_id": experiment_id,
                                "metric": metric, "ope": ope, "plot": saved,
