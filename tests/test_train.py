@@ -11,17 +11,12 @@ import torch
 
 from offpg_offline.config import Baseline, EstimatorName, Init, Propensity, TrainConfig
 from offpg_offline.data.batch import load_steps
+from offpg_offline.data.split import split_episodes
+from offpg_offline.data.stream import episode_rows
 from offpg_offline.estimators import discounted_returns
 from offpg_offline.policies import policy_from_checkpoint
-from offpg_offline.train import (
-    NullTracker,
-    episode_rows,
-    make_batches,
-    make_view,
-    split_episodes,
-    stream,
-    train,
-)
+from offpg_offline.train import NullTracker, train
+from offpg_offline.training.batches import make_batches, make_view
 
 DATASETS = Path(__file__).resolve().parents[1] / "datasets"
 WEAK = DATASETS / "cartpole-weak"
@@ -56,11 +51,12 @@ def test_episode_rows_equals_a_slow_loop() -> None:
 
 
 def test_split_is_a_seeded_partition_of_episodes() -> None:
-    train_idx, val_idx = split_episodes(50, 0.2, stream(3, "split"))
-    assert len(val_idx) == 10
-    assert sorted(train_idx.tolist() + val_idx.tolist()) == list(range(50))
-    again, _ = split_episodes(50, 0.2, stream(3, "split"))
-    assert torch.equal(train_idx, again)
+    ids = torch.arange(50)
+    train_ids, val_ids = split_episodes(ids, 0.2, 3)
+    assert len(val_ids) == 10
+    assert sorted(train_ids.tolist() + val_ids.tolist()) == list(range(50))
+    again, _ = split_episodes(ids, 0.2, 3)
+    assert torch.equal(train_ids, again)
 
 
 def test_episodic_batches_hold_whole_episodes_and_step_batches_hold_returns() -> None:
@@ -121,7 +117,10 @@ def test_every_estimator_trains_and_logs_namespaced_diagnostics(
     } <= logged
     assert [step for step, m in tracker.metrics if "train/loss" in m] == [5, 10, 15, 20]
     assert tracker.params["estimator"] == estimator.value
-    assert tracker.artifacts == [(result.checkpoint, "checkpoints")]
+    assert tracker.artifacts == [
+        (tmp_path / "validation_episodes.json", None),  # the split, recorded at the start
+        (result.checkpoint, "checkpoints"),
+    ]
     assert 0.0 < result.metrics["weights/ess_fraction"] <= 1.0
 
 
@@ -131,6 +130,7 @@ def test_checkpoint_loads_safely_and_restores_the_policy(tmp_path: Path) -> None
         "final.pt",
         "step-000010.pt",
         "step-000020.pt",
+        "validation_episodes.json",
     ]
     ckpt = torch.load(result.checkpoint, weights_only=True)
     policy = policy_from_checkpoint(ckpt)

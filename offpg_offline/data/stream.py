@@ -150,6 +150,7 @@ class Shard:
     files: tuple[Path, ...]
     first_episode: int
     lengths: np.ndarray  # [E_shard] int64 steps of each episode
+    ids: np.ndarray  # [E_shard] int64 episode id of each episode
 
 
 def index_shards(path: Path) -> list[Shard]:
@@ -166,14 +167,16 @@ def index_shards(path: Path) -> list[Shard]:
             continue
         starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
         lengths = np.diff(np.r_[starts, len(ids)]).astype(np.int64)
+        episode_ids = ids[starts].astype(np.int64)
         if shards and last_id == int(ids[0]):  # the episode straddles the two files: merge
             prev = shards.pop()
             merged = np.concatenate([prev.lengths, lengths])
             merged[len(prev.lengths) - 1] += merged[len(prev.lengths)]
             merged = np.delete(merged, len(prev.lengths))
-            shards.append(Shard((*prev.files, file), prev.first_episode, merged))
+            merged_ids = np.concatenate([prev.ids, episode_ids[1:]])
+            shards.append(Shard((*prev.files, file), prev.first_episode, merged, merged_ids))
         else:
-            shards.append(Shard((file,), first_episode, lengths))
+            shards.append(Shard((file,), first_episode, lengths, episode_ids))
         first_episode = shards[-1].first_episode + len(shards[-1].lengths)
         last_id = int(ids[-1])
     return shards
@@ -219,6 +222,8 @@ class EpisodeSource:
         )
         if len(self.lengths) == 0:
             raise sc.DataError(f"{self.path}: the dataset has no rows.")
+        # [E] int64 the episode id of each ordinal (what the split is a function of).
+        self.episode_ids = torch.from_numpy(np.concatenate([s.ids for s in self.shards]))
 
     @property
     def n_episodes(self) -> int:
