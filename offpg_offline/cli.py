@@ -287,6 +287,14 @@ def ingest_parquet_command(
     description: Annotated[str | None, typer.Option(help="Free text for the card.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset at --out.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    bandit: Annotated[bool, typer.Option(
+        help="One decision per row: each row a one-step episode that terminates (episode id = "
+             "row); no episode id, done flags or next_obs needed.")] = False,
+    categorical_cols: Annotated[list[str] | None, typer.Option(
+        help="Glob of string/integer columns one-hot encoded into obs (vocabulary in the card, "
+             "plus an unknown slot); repeatable.")] = None,
+    categories_from: Annotated[Path | None, typer.Option(
+        help="Encode --categorical-cols with the vocabulary of this earlier dataset.")] = None,
 ) -> None:
     """Convert foreign Parquet/CSV step logs into the canonical Parquet format."""
     from rich.console import Console
@@ -299,7 +307,7 @@ def ingest_parquet_command(
             columns=parquet.parse_map(map_ or []), obs_cols=tuple(obs_cols or ()),
             next_obs_cols=tuple(next_obs_cols or ()), action_cols=tuple(action_cols or ()),
             propensity_col=propensity_col, propensity_kind=propensity_kind,
-            done_means=done_means)
+            done_means=done_means, categorical_cols=tuple(categorical_cols or ()))
         column_mapping = (parquet.merge_mappings(parquet.load_mapping(mapping), cli_mapping)
                           if mapping else cli_mapping)
         space = parquet.parse_action_space(action_space) if action_space else None
@@ -312,7 +320,8 @@ def ingest_parquet_command(
             result = parquet.ingest_parquet(
                 files, out, mapping=column_mapping, action_space=space, env_id=env, name=name,
                 description=description, overwrite=overwrite,
-                progress=lambda rows: bar.advance(task, rows))
+                progress=lambda rows: bar.advance(task, rows), bandit=bandit,
+                categories_from=categories_from)
     except (ValueError, FileNotFoundError, OSError) as err:  # DataError is a ValueError
         fail(str(err))
     for warning in result.warnings:
@@ -322,6 +331,11 @@ def ingest_parquet_command(
     typer.echo(f"wrote {result.path}: {card['counts']['episodes']} episodes, "
                f"{card['counts']['steps']} steps in {len(card['files'])} file(s); logged_logp: "
                f"{logged['source'] if logged else 'none (no propensity)'}")
+
+
+ingest_app.command("csv", help="Convert foreign CSV (or Parquet) step logs into the canonical "
+                               "Parquet format (the same command as `ingest parquet`).")(
+    ingest_parquet_command)
 
 
 @app.command()

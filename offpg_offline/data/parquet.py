@@ -45,6 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from offpg_offline.data import schema as sc
+from offpg_offline.data.categorical import Categories, vocabulary
 from offpg_offline.data.spaces import flatten_space, space_from_json, space_to_json
 from offpg_offline.data.store import (
     DEFAULT_ROWS_PER_FILE,
@@ -76,6 +77,8 @@ class ColumnMapping:
         propensity_kind: "prob" (probabilities) or "logp" (log-probabilities / log-densities);
             None: "logp".
         done_means: what a `done` column means: "terminated" or "truncated"; None: terminated.
+        categorical_cols: glob patterns of string or integer columns encoded one-hot and
+            appended to `obs` (see `Categories`).
     """
 
     columns: Mapping[str, str] = field(default_factory=dict)
@@ -85,6 +88,7 @@ class ColumnMapping:
     propensity_col: str | None = None
     propensity_kind: str | None = None
     done_means: str | None = None
+    categorical_cols: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if unknown := sorted(set(self.columns) - set(MAP_KEYS)):
@@ -119,7 +123,7 @@ def parse_map(items: Sequence[str]) -> dict[str, str]:
 
 
 _TOML_OPTIONS = ("obs_cols", "next_obs_cols", "action_cols", "propensity_col", "propensity_kind",
-                 "done_means")
+                 "done_means", "categorical_cols")
 
 
 def load_mapping(path: Path) -> ColumnMapping:
@@ -212,15 +216,18 @@ class _Plan:
     done: str | None
     propensity: str | None
     propensity_kind: str
+    categorical: tuple[str, ...] = ()
+    bandit: bool = False
 
     def needed(self) -> list[str]:
-        names = [self.episode_id, self.step, *self.obs.columns,
+        names = [self.episode_id, self.step, *self.obs.columns, *self.categorical,
                  *(self.next_obs.columns if self.next_obs else ()), *self.action.columns,
                  self.reward, self.terminated, self.truncated, self.done, self.propensity]
         return list(dict.fromkeys(n for n in names if n is not None))
 
     def labels(self) -> dict[str, str]:
-        labels = {sc.OBS: self.obs.label, sc.ACTION: self.action.label, sc.REWARD: self.reward}
+        obs_label = ", ".join([*self.obs.columns, *self.categorical])
+        labels = {sc.OBS: obs_label, sc.ACTION: self.action.label, sc.REWARD: self.reward}
         for key in ("episode_id", "step", "terminated", "truncated"):
             if (name := getattr(self, key)) is not None:
                 labels[key] = name
@@ -243,7 +250,7 @@ def _is_list(dtype: pl.DataType) -> bool:
 
 
 def _resolve(schema: pl.Schema, mapping: ColumnMapping, file: str,
-             action_space: Any) -> _Plan:
+             action_space: Any, *, bandit: bool = False) -> _Plan:
     def column(key: str, required: bool = False) -> str | None:
         name = mapping.columns.get(key)
         if name is not None:
@@ -284,9 +291,13 @@ def _resolve(schema: pl.Schema, mapping: ColumnMapping, file: str,
                                                     f"a list of numbers or a number")
         return _Vector((name,), is_list=_is_list(schema[name]))
 
-    obs = vector("obs", mapping.obs_cols, required=True)
-    assert obs is not None
-    next_obs = vector("next_obs", mapping.next_obs_cols, required=False)
+    categorical = _categorical_columns(schema, mapping.categorical_cols, file)
+    obs = vector("obs", mapping.obs_cols, required=not categorical)
+    if obs is None:
+        obs = _Vector((), is_list=False)  # categorical columns alone form obs
+    elif categorical and not obs.is_list:
+        obs = _Vector(tuple(c for c in obs.columns if c not in categorical), is_list=False)
+    next_obs = None if bandit else vector("next_obs", mapping.next_obs_cols, required=False)
     if mapping.action_cols:
         action = _Vector(patterns("action", mapping.action_cols), is_list=False)
         discrete = False
@@ -310,7 +321,7 @@ def _resolve(schema: pl.Schema, mapping: ColumnMapping, file: str,
         discrete = False
     reward = column("reward", required=True)
     assert reward is not None
-    step = column("step")
+    step = None if bandit else column("step")
     for key, name in (("reward", reward), ("step", step), ("propensity", mapping.propensity_col)):
         if name is None or name not in schema:
             continue
@@ -319,13 +330,13 @@ def _resolve(schema: pl.Schema, mapping: ColumnMapping, file: str,
             kind = "integers" if key == "step" else "numbers"
             raise sc.DataError.at(file, name, None, f"has type {dtype}, but {key} values must be "
                                                     f"{kind}")
-    flags = {key: column(key) for key in ("terminated", "truncated", "done")}
+    flags = {key: None if bandit else column(key) for key in ("terminated", "truncated", "done")}
     for key, name in flags.items():
         if name is not None and not (schema[name] == pl.Boolean or schema[name].is_integer()):
             raise sc.DataError.at(file, name, None, f"has type {schema[name]}, but {key} flags "
                                                     f"must be booleans or 0/1 integers")
-    episode_id = column("episode_id")
-    if episode_id is None and not any(flags.values()):
+    episode_id = None if bandit else column("episode_id")
+    if episode_id is None and not any(flags.values()) and not bandit:
         raise sc.DataError(f"{file}: no episode boundaries: give an episode id column (--map "
                            f"episode_id=COLUMN) or done flags (terminated, truncated or done).",
                            source=file)
@@ -342,7 +353,27 @@ def _resolve(schema: pl.Schema, mapping: ColumnMapping, file: str,
     return _Plan(file=file, episode_id=episode_id, step=step, obs=obs,
                  next_obs=next_obs, action=action, action_discrete=discrete, reward=reward,
                  terminated=flags["terminated"], truncated=flags["truncated"],
-                 done=flags["done"], propensity=propensity, propensity_kind=kind)
+                 done=flags["done"], propensity=propensity, propensity_kind=kind,
+                 categorical=categorical, bandit=bandit)
+
+
+def _categorical_columns(schema: pl.Schema, globs: tuple[str, ...], file: str) -> tuple[str, ...]:
+    """The columns matched by `--categorical-cols` patterns (file order): strings, integers,
+    booleans or polars categoricals; floats and lists are refused by name."""
+    if not globs:
+        return ()
+    names = [n for n in schema if any(fnmatch.fnmatchcase(n, g) for g in globs)]
+    if not names:
+        raise sc.DataError(f"{file}: no column matches the categorical pattern(s) "
+                           f"{', '.join(globs)} (--categorical-cols).", source=file)
+    for name in names:
+        dtype = schema[name]
+        if not (dtype.is_integer() or dtype == pl.String or dtype == pl.Boolean
+                or isinstance(dtype, pl.Categorical | pl.Enum)):
+            raise sc.DataError.at(file, name, None, f"has type {dtype}, but categorical columns "
+                                                    f"(--categorical-cols) must hold strings or "
+                                                    f"integers")
+    return tuple(names)
 
 
 # --- batches of foreign rows → numpy ------------------------------------------------------------
@@ -362,9 +393,13 @@ class _Converter:
     """Turns polars batches of one file into numpy arrays, with checks naming the file's rows."""
 
     def __init__(self, plan: _Plan, dims: dict[str, int | None],
-                 string_ids: dict[str, int]) -> None:
+                 string_ids: dict[str, int], *, categories: Categories | None = None,
+                 unknown: dict[str, int] | None = None, row_offset: int = 0) -> None:
         self.plan, self.dims = plan, dims
         self._string_ids = string_ids  # shared by all files: an episode may span two
+        self.categories = categories
+        self.unknown = unknown if unknown is not None else {}  # unseen categories per column
+        self.row_offset = row_offset  # rows of the files before this one (--bandit ids)
 
     def _check_nulls(self, frame: pl.DataFrame, first_row: int) -> None:
         for name in self.plan.needed():
@@ -481,7 +516,7 @@ class _Converter:
                            else self._episode_ids(frame.get_column(plan.episode_id), first_row)),
             "step": None if plan.step is None else self._steps(frame.get_column(plan.step),
                                                                 first_row),
-            "obs": self._vector(frame, plan.obs, "obs", first_row),
+            "obs": self._obs(frame, first_row),
             "next_obs": (None if plan.next_obs is None
                          else self._vector(frame, plan.next_obs, "next_obs", first_row)),
             "action": self._action(frame, first_row),
@@ -493,7 +528,33 @@ class _Converter:
             "file_index": np.full(len(frame), file_index, dtype=np.int32),
             "file_row": np.arange(first_row, first_row + len(frame), dtype=np.int64),
         }
+        if plan.bandit:
+            _one_decision_per_row(rows, self.row_offset + first_row)
         return rows
+
+    def _obs(self, frame: pl.DataFrame, first_row: int) -> np.ndarray:
+        """Numeric obs columns, then the one-hot blocks of the categorical columns."""
+        if not self.plan.obs.columns:
+            numeric = np.zeros((len(frame), 0), dtype=np.float32)
+        else:
+            numeric = self._vector(frame, self.plan.obs, "obs", first_row)
+        if self.categories is None:
+            return numeric
+        onehot, unknown = self.categories.encode(frame)
+        for column, count in unknown.items():
+            self.unknown[column] = self.unknown.get(column, 0) + count
+        return np.concatenate([numeric, onehot], axis=1)
+
+
+def _one_decision_per_row(rows: dict[str, Any], first_row: int) -> None:
+    """--bandit: each row is a one-step episode that terminates; its id is its row number
+    counted over all input files. next_obs stays a copy of obs: nothing bootstraps from it."""
+    n = len(rows["reward"])
+    rows["episode_id"] = np.arange(first_row, first_row + n, dtype=np.int64)
+    rows["step"] = np.zeros(n, dtype=np.int64)
+    rows["terminated"] = np.ones(n, dtype=bool)
+    rows["truncated"] = np.zeros(n, dtype=bool)
+    rows["done"] = np.zeros(n, dtype=bool)
 
 
 # --- assembling whole episodes ------------------------------------------------------------------
@@ -736,6 +797,37 @@ def _env_spaces(env_id: str) -> tuple[Any, Any, str | None]:
         env.close()
 
 
+def _categories(files: Sequence[Path], plans: Sequence[_Plan],
+                categories_from: Path | None) -> Categories | None:
+    """The vocabularies of the categorical columns: from `categories_from`'s card, or the
+    distinct values of each column over all input files (one pass over those columns only)."""
+    columns = plans[0].categorical
+    if any(plan.categorical != columns for plan in plans[1:]):
+        raise sc.DataError(f"{plans[0].file}: the input files differ in their categorical "
+                           f"columns (--categorical-cols).", source=plans[0].file)
+    if not columns:
+        if categories_from is not None:
+            raise ValueError("--categories-from needs --categorical-cols (the columns to "
+                             "encode).")
+        return None
+    if plans[0].next_obs is not None:
+        raise sc.DataError(f"{plans[0].file}: --categorical-cols encodes obs only; with a "
+                           f"next_obs column the next state's categories are unknown (drop the "
+                           f"next_obs mapping: it is then the next row's obs).",
+                           source=plans[0].file)
+    if categories_from is not None:
+        card = read_card(Path(categories_from))
+        return Categories.from_card(card.get("categorical"), columns, 0, str(categories_from))
+    vocabularies = []
+    for column in columns:
+        parts = [_scan(f).select(pl.col(column)).unique().collect().get_column(column)
+                 for f in files]
+        if len({part.dtype for part in parts}) > 1:
+            parts = [part.cast(pl.String) for part in parts]
+        vocabularies.append(vocabulary(column, pl.concat(parts)))
+    return Categories(tuple(vocabularies))
+
+
 def ingest_parquet(
     paths: Sequence[Path],
     out: Path,
@@ -749,6 +841,8 @@ def ingest_parquet(
     batch_rows: int = DEFAULT_BATCH_ROWS,
     rows_per_file: int | None = None,
     progress: Callable[[int], None] | None = None,
+    bandit: bool = False,
+    categories_from: Path | None = None,
 ) -> IngestResult:
     """Convert foreign Parquet / CSV step logs into a canonical dataset at `out`.
 
@@ -764,6 +858,11 @@ def ingest_parquet(
         batch_rows: rows per streamed batch (memory is O(batch_rows + longest episode)).
         rows_per_file: shard size (default: the store's).
         progress: called with the number of input rows of each batch once it is written.
+        bandit: one decision per row: every row is a one-step episode that terminates, its
+            episode id the row number over all files (episode id, step, done flags and
+            next_obs columns are not read). The card records `"bandit": true`.
+        categories_from: a dataset whose card's `categorical` vocabularies encode the
+            `mapping.categorical_cols` columns (default: the vocabularies of this input).
 
     Returns:
         The dataset path, its card and warnings (one sentence each).
@@ -800,8 +899,9 @@ def ingest_parquet(
         except (pl.exceptions.PolarsError, OSError) as err:
             raise sc.DataError(f"{file}: could not be read ({_one_line(err)}).",
                                source=str(file)) from None
-        plans.append(_resolve(schema, mapping, str(file), action_space))
-    by_id = plans[0].episode_id is not None
+        plans.append(_resolve(schema, mapping, str(file), action_space, bandit=bandit))
+    by_id = plans[0].episode_id is not None or bandit
+    categories = _categories(files, plans, categories_from)
     for plan in plans[1:]:
         _check_same_fields(plans[0], plan)
     current: list[_Plan] = [plans[0]]
@@ -814,8 +914,11 @@ def ingest_parquet(
         "kind": "parquet-ingest",
         "files": [{"path": str(f.resolve()), "bytes": f.stat().st_size} for f in files],
         "columns": plans[0].describe(),
-        "episode_boundaries": (f"episode id column '{plans[0].episode_id}'" if by_id
-                               else f"done flags (a done column means {done_means})"),
+        "episode_boundaries": (
+            "one decision per row (--bandit): each row a one-step episode that terminates, "
+            "episode id = row number over the input files" if bandit
+            else f"episode id column '{plans[0].episode_id}'" if by_id
+            else f"done flags (a done column means {done_means})"),
     }
     card: dict[str, Any] = {
         "name": name or Path(out).name,
@@ -827,7 +930,9 @@ def ingest_parquet(
         "env_spec": None if env_id is None else {"id": env_id},
         "source": source,
         "behavior": None,
+        "bandit": bandit,
     }
+    unknown: dict[str, int] = {}
     if plans[0].propensity is not None:
         kind = ("probabilities, stored as their log" if plans[0].propensity_kind == "prob"
                 else "log-probabilities")
@@ -839,9 +944,11 @@ def ingest_parquet(
     digests = [hashing.submit(file_sha256, f) for f in files]
 
     def tables() -> Iterator[SourcedTable]:
+        rows_before = 0
         for index, (file, plan) in enumerate(zip(files, plans, strict=True)):
             current[0] = plan
-            converter = _Converter(plan, dims, string_ids)
+            converter = _Converter(plan, dims, string_ids, categories=categories,
+                                   unknown=unknown, row_offset=rows_before)
             first_row = 0
             frames = _scan(file).select(plan.needed()).collect_batches(chunk_size=batch_rows)
             for frame in frames:
@@ -849,6 +956,7 @@ def ingest_parquet(
                 first_row += len(frame)
                 yield from assembler.push(rows, final=False)
             source["files"][index]["rows"] = first_row
+            rows_before += first_row
             if first_row == 0:
                 raise sc.DataError(f"{file}: the input has no rows (empty input).",
                                    source=str(file))
@@ -860,6 +968,10 @@ def ingest_parquet(
             entry["sha256"] = digest.result()
         counts = assembler.counts
         source["episodes_without_end_flag"] = counts.unflagged
+        if categories is not None:
+            offset = dims.get("obs") or len(plans[0].obs.columns)
+            card["categorical"] = replace(categories, offset=offset).to_card()
+            source["categorical_unknown_rows"] = dict(unknown)
         if plans[0].next_obs is None:
             source["next_obs"] = {
                 "derived": "the next row's obs within the episode; the last step's next_obs is "
@@ -881,6 +993,10 @@ def ingest_parquet(
     finally:
         hashing.shutdown(wait=True, cancel_futures=True)
     counts = assembler.counts
+    if unseen := {c: n for c, n in unknown.items() if n}:
+        warnings.append("values outside the vocabulary of " + str(categories_from) + " went to "
+                        "the unknown slot: " + ", ".join(f"{n} row(s) of column {c!r}"
+                                                         for c, n in unseen.items()) + ".")
     if counts.unflagged:
         warnings.append(f"{counts.unflagged} of {counts.episodes} episodes end with neither "
                         f"terminated nor truncated; they are kept as truncated.")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
@@ -35,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted(p for p in (ROOT / "datasets").iterdir() if p.is_dir())
 
 
-def _sorted_rows(table) -> dict[str, list]:  # noqa: ANN001 - pyarrow or polars-exported table
+def _sorted_rows(table: pa.Table) -> dict[str, list]:
     table = table.sort_by([("episode_id", "ascending"), ("step", "ascending")])
     return table.to_pydict()
 
