@@ -542,40 +542,27 @@ def behavior_fit(
 _OPE_NAMES = ("is", "wis", "pdis", "wpdis", "dr", "wdr", "fqe")  # = ope.ESTIMATE_NAMES (tested)
 
 
-def _run_inputs(target: str, tmp: Path) -> tuple[Path, Path | None, str]:
-    """(checkpoint file, the run's dataset folder or None, run id) for an MLflow run id."""
-    import json
-
-    from offpg_offline import tracking
-    from offpg_offline.config import TrackingConfig
-
-    client = tracking.open_client(TrackingConfig())
-    try:
-        run = client.get_run(target)
-        checkpoint = Path(client.download_artifacts(target, "checkpoints/final.pt", str(tmp)))
-    except tracking.MlflowException as err:
-        fail(f"{target} is neither a checkpoint file nor a run with checkpoints/final.pt in "
-             f"{tracking.resolve_uri(TrackingConfig())} ({str(err).splitlines()[0]})")
-    dataset = None
-    for entry in run.inputs.dataset_inputs:
-        try:
-            dataset = Path(json.loads(entry.dataset.source)["uri"])
-        except (ValueError, KeyError, TypeError):
-            continue
-    return checkpoint, dataset, run.info.run_id
-
-
 @app.command()
 def evaluate(
-    target: Annotated[str, typer.Argument(help="MLflow run id, or a checkpoint file (.pt).")],
+    target: Annotated[str | None, typer.Argument(
+        help="MLflow run id, a training output folder, or a checkpoint file (.pt).")] = None,
     dataset: Annotated[Path | None, typer.Option(
         help="Evaluate on every episode of this dataset (default: the run's validation split).")
     ] = None,
+    policy: Annotated[str | None, typer.Option(
+        help="Instead of TARGET: 'uniform', a checkpoint (.pt), or a Parquet file with "
+             "episode_id, step and a list column action_probs aligned with the dataset's rows.")
+    ] = None,
+    checkpoint: Annotated[str, typer.Option(
+        help="Which checkpoint of a run or folder: shipped (selected.pt when selection ran, "
+             "else final.pt), final, selected or step-N.")] = "shipped",
     online: Annotated[int, typer.Option(
         help="Also roll out N seeded episodes when the env can be built (0: none).")] = 0,
     estimators: Annotated[str, typer.Option(
         help="Comma-separated subset of is,wis,pdis,wpdis,dr,wdr,fqe.")] = ",".join(_OPE_NAMES),
-    gamma: Annotated[float | None, typer.Option(help="Discount γ (default: the run's).")] = None,
+    gamma: Annotated[float | None, typer.Option(
+        help="Discount γ of OPE and of the discounted online return (default: the run's).")
+    ] = None,
     propensity: Annotated[Propensity | None, typer.Option(
         help="Column holding log π_β (default: the run's).")] = None,
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples over episodes.")] = 1000,
@@ -584,120 +571,45 @@ def evaluate(
     fqe_iterations: Annotated[int | None, typer.Option(help="FQE Bellman backups.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap, critic and rollouts.")] = 0,
     env: Annotated[str | None, typer.Option(help="gymnasium env id (default: the card's).")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print one JSON object (no table, no progress lines).")] = False,
 ) -> None:
-    """Estimate the value of a trained policy off-policy, with intervals; log them to its run."""
+    """Estimate the value of a policy off-policy (and online), with intervals and γ shown.
+
+    A run's evaluation is logged as a nested MLflow run under it (its metrics are untouched).
+    """
+    from offpg_offline.config import EvaluateConfig
+
     names = tuple(name.strip() for name in estimators.split(",") if name.strip())
     unknown = sorted(set(names) - set(_OPE_NAMES))
     if unknown or not names:
         fail(f"--estimators: unknown {', '.join(unknown) or '(empty)'}; "
              f"choose from {','.join(_OPE_NAMES)}")
-    if not 0.0 < level < 1.0 or not 0.0 < delta < 1.0 or n_boot < 2:
-        fail("--level and --delta must lie in (0, 1) and --n-boot be at least 2")
-    if dataset is not None and not _has_card(dataset):
-        fail(f"{dataset} is not a dataset folder (no _dataset.json)")
-
-    import tempfile
-
-    import torch
-
-    from offpg_offline import ope
-    from offpg_offline import train as train_job
-    from offpg_offline.data.batch import load_steps
-    from offpg_offline.data.store import read_card
-    from offpg_offline.policies import load_checkpoint, policy_from_checkpoint
-
-    with tempfile.TemporaryDirectory() as tmp:
-        run_id = None
-        if Path(target).is_file():
-            checkpoint_path, run_dataset = Path(target), None
-        else:
-            checkpoint_path, run_dataset, run_id = _run_inputs(target, Path(tmp))
-        try:
-            ckpt = load_checkpoint(checkpoint_path)  # weights_only: a pickle with code is refused
-        except ValueError as err:
-            fail(str(err))
-        try:
-            policy = policy_from_checkpoint(ckpt).eval()
-        except (RuntimeError, ValueError, KeyError, TypeError) as err:
-            fail(f"{target}: not a policy checkpoint ({err})")
-    params = ckpt.get("config", {})
-    folder = dataset or run_dataset
-    if folder is None:
-        fail(f"{target}: no dataset recorded with it; pass --dataset")
-    if not _has_card(folder):
-        fail(f"the run's dataset {folder} is gone; pass --dataset")
     try:
-        gamma = float(params.get("gamma", 0.99)) if gamma is None else gamma
-        propensity = propensity or Propensity(params.get("propensity", "logged"))
-        batch = load_steps(folder)
-        if dataset is None:  # the run's own validation split, as train() drew it
-            generator = torch.Generator().manual_seed(int(params.get("seed", 0)))
-            train_idx, val_idx = train_job.split_episodes(
-                batch.n_episodes, float(params.get("val_fraction", 0.2)), generator)
-            if len(val_idx) == 0:
-                fail(f"run {run_id} has no validation split; pass --dataset")
-            held_out, critic_batch = batch.episodes(val_idx), batch.episodes(train_idx)
-            where = f"{len(val_idx)} validation episodes of {folder}"
-        else:
-            held_out, critic_batch = batch, None
-            where = f"all {batch.n_episodes} episodes of {folder}"
-        behavior_logp = train_job.behavior_logp_of(held_out, propensity, folder)
-        fqe = ope.FQEConfig() if fqe_iterations is None else ope.FQEConfig(
-            iterations=fqe_iterations)
-        estimates = ope.evaluate_offline(
-            policy, held_out, behavior_logp, gamma=gamma, estimators=names, n_boot=n_boot,
-            seed=seed, level=level, delta=delta, fqe=fqe, critic_batch=critic_batch)
+        config = EvaluateConfig(
+            estimators=names, gamma=gamma, propensity=propensity, checkpoint=checkpoint,
+            n_boot=n_boot, level=level, delta=delta, fqe_iterations=fqe_iterations, seed=seed,
+            online=online, env=env)
     except ValueError as err:
+        fail(f"{err} (check --level, --delta, --n-boot, --checkpoint, --gamma, --online)")
+
+    from offpg_offline.jobs import evaluate as job
+    from offpg_offline.jobs.evaluate import show_evaluation
+
+    def progress(line: str) -> None:
+        typer.echo(line, err=True)
+
+    try:
+        result = job.evaluate(target, dataset=dataset, policy=policy, config=config,
+                              progress=None if as_json else progress)
+    except (ValueError, FileNotFoundError) as err:
         fail(str(err))
+    if as_json:
+        import json
 
-    metrics: dict[str, float] = {}
-    for estimate in estimates:
-        metrics.update(estimate.metrics())
-    online_line = None
-    if online > 0:
-        from offpg_offline.rollout import evaluate_online, make_env
-
-        env_id = env or (read_card(folder).get("env_spec") or {}).get("id")
-        built = make_env(env_id) if env_id else None
-        if built is None:
-            online_line = f"online: skipped, env {env_id or '(none in the card)'} cannot be built"
-        else:
-            built.close()
-            stochastic = evaluate_online(policy, env_id, episodes=online, seed=seed,
-                                         deterministic=False)
-            greedy = evaluate_online(policy, env_id, episodes=online, seed=seed,
-                                     deterministic=True)
-            metrics.update({"online/return_mean": stochastic.mean,
-                            "online/return_std": stochastic.std,
-                            "online/greedy_return_mean": greedy.mean,
-                            "online/greedy_return_std": greedy.std})
-            online_line = (f"online ({online} episodes of {env_id}, undiscounted): stochastic "
-                           f"{stochastic.mean:.4g} ± {stochastic.std:.3g}, greedy "
-                           f"{greedy.mean:.4g} ± {greedy.std:.3g}")
-
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"J(π), γ = {gamma:g}, on {where}")
-    for column in ("estimator", "value", f"{level:.0%} interval", "ESS",
-                   f"lower bound (δ = {delta:g})"):
-        table.add_column(column, justify="left" if column == "estimator" else "right")
-    for estimate in estimates:
-        bound = "" if estimate.lower_bound is None else f"{estimate.lower_bound:.4g}"
-        table.add_row(estimate.name, f"{estimate.value:.4g}",
-                      f"[{estimate.ci_low:.4g}, {estimate.ci_high:.4g}]",
-                      f"{estimate.ess:.1f} / {estimate.n_episodes}", bound)
-    Console(width=100).print(table)
-    if online_line:
-        typer.echo(online_line)
-    if run_id is not None:
-        from offpg_offline import tracking
-        from offpg_offline.config import TrackingConfig
-
-        with tracking.MlflowTracker.start(TrackingConfig(), experiment="", run_name="",
-                                          run_id=run_id) as tracker:
-            tracker.log_metrics(metrics, step=int(ckpt.get("step", 0)))
-        typer.echo(f"logged {len(metrics)} metrics (ope/…) to run {run_id}")
+        typer.echo(json.dumps(result.as_json(), indent=2, allow_nan=True))
+        return
+    typer.echo(show_evaluation(result))
 
 
 # --- compare / ui / sweep commands ---
@@ -813,6 +725,11 @@ def compare_command(
         client = tracking.open_client(TrackingConfig())
         experiment_id, name = tracking.find_experiment(client, experiment)
         runs = tracking.find_runs(client, experiment_id, parent_run_id=sweep_run)
+        if any(m and m.startswith("eval:") for m in (metric, ope)):  # evaluate's nested runs
+            from offpg_offline.compare import attach_evaluations
+            from offpg_offline.jobs.evaluate import find_evaluations
+
+            runs = attach_evaluations(runs, find_evaluations(client, experiment_id))
     except ValueError as err:
         fail(str(err))
     if not runs:

@@ -9,16 +9,26 @@ the mean of the chosen metric over its runs, with the sample standard deviation
     sd = sqrt(Σ (x_i - x̄)² / (n - 1))
 when n ≥ 2. Groups are ranked by that mean (higher first unless `lower_is_better`); groups
 without the metric come last.
+
+Training or evaluation metrics. A run's own metrics are what training logged. `offpg evaluate
+RUN` records each evaluation as a nested run under it (tag `offpg.kind` = evaluation);
+`attach_evaluations` adds the latest evaluation's metrics on the run's own validation split to
+the run as `eval:<key>` (e.g. `eval:ope/wdr`, `eval:online/discounted_return_mean`), so
+`offpg compare --metric eval:ope/wdr` ranks by evaluation while `--metric ope/wdr` keeps ranking
+by what training logged. Evaluations on another dataset or on all episodes are not attached:
+they are not comparable across runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+EVAL_PREFIX = "eval:"  # metrics of a run's evaluation (nested run), as opposed to training's
 NOT_CONFIG = frozenset({"seed", "threads"})  # params that do not define a configuration
 ESS_METRIC = "weights/ess_fraction"
 OPE_PREFERENCE = (
@@ -93,6 +103,34 @@ class GroupSummary:
             "ope_interval": None if self.ope_interval is None else list(self.ope_interval),
             "ess": stat(self.ess),
         }
+
+
+def attach_evaluations(runs: Sequence[RunLike], evaluations: Sequence[RunLike]) -> list[RunLike]:
+    """Each training run with the metrics of its latest evaluation on its own validation split
+    added as `eval:<key>`; its own metrics are kept as they are.
+
+    Args:
+        runs: training runs (dataclass records such as `tracking.RunRecord`).
+        evaluations: evaluation runs, oldest first (`jobs.evaluate.find_evaluations`): each with
+            tags `mlflow.parentRunId` (the training run) and `offpg.eval.split`.
+
+    Returns:
+        New records (the inputs are not modified), in the order of `runs`.
+    """
+    latest: dict[str, RunLike] = {}
+    for evaluation in evaluations:  # oldest first: a later one replaces an earlier one
+        parent = evaluation.tags.get("mlflow.parentRunId")
+        if parent and evaluation.tags.get("offpg.eval.split") == "validation":
+            latest[parent] = evaluation
+    out = []
+    for run in runs:
+        found = latest.get(run.run_id)
+        if found is None:
+            out.append(run)
+            continue
+        extra = {f"{EVAL_PREFIX}{key}": value for key, value in found.metrics.items()}
+        out.append(dataclasses.replace(run, metrics={**run.metrics, **extra}))  # type: ignore[type-var]
+    return out
 
 
 def _seed_order(run: RunLike) -> tuple[int, str, str]:
