@@ -162,6 +162,14 @@ class TrainConfig:
     env: str | None = option(
         None, "gymnasium env id for online evaluation (default: the card's)."
     )
+    verify: bool = option(
+        False, "Recompute every shard's sha256 against the dataset card before training."
+    )
+    allow_env_entry_point: bool = option(
+        False,
+        "Trust an env entry point (module:Class) named by the dataset card: gymnasium imports "
+        "that code.",
+    )
 
     def __post_init__(self) -> None:
         validate(self)

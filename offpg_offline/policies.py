@@ -526,15 +526,18 @@ def load_checkpoint(path: Any, *, map_location: Any = "cpu") -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, weights_only=True, map_location=map_location)
     except Exception as err:  # truncated, not a torch file, a payload: torch raises many kinds
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(err))
         if isinstance(err, pickle.UnpicklingError) and found:
             raise ValueError(f"{path}: refused to load, it holds the global {found.group(1)}, "
                              f"which could run code (checkpoints are read with "
                              f"torch.load(weights_only=True))") from None
         detail = re.search(r"WeightsUnpickler error: ([^\n]+)", str(err))
         first = [detail.group(1)] if detail else str(err).strip().splitlines()
+        if not detail and "weights_only" in str(err):  # torch's advice, not the reason
+            first = ["it holds objects other than tensors and plain values"]
         reason = f"{type(err).__name__}: {first[0][:200]}" if first else type(err).__name__
-        raise ValueError(f"{path}: not a checkpoint ({reason})") from None
+        shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(path))
+        raise ValueError(f"{shown}: not a checkpoint ({reason})") from None
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: not a checkpoint (it holds a {type(checkpoint).__name__})")
     return checkpoint

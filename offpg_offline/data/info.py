@@ -10,6 +10,7 @@ from typing import Any
 import pyarrow as pa
 
 from offpg_offline.data import schema as sc
+from offpg_offline.data.card import verify_parts
 from offpg_offline.data.store import (
     StatsAccumulator,
     iter_record_batches,
@@ -37,6 +38,11 @@ def dataset_info(path: Path, *, verify: bool = False) -> dict[str, Any]:
     path = Path(path)
     card = read_card(path)
     problems = verify_dataset(path) if verify else None
+    if problems == []:  # bytes and sha256 match: also the footers (types, widths, action range)
+        try:
+            verify_parts(path, card)
+        except sc.DataError as err:
+            problems = [str(err)]
     stats = StatsAccumulator()
     if not problems:  # shards that fail verification may not even parse
         try:

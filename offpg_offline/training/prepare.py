@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from offpg_offline import estimators
 from offpg_offline.config import Baseline, Propensity, TrainConfig
 from offpg_offline.data.batch import StepBatch, load_steps
+from offpg_offline.data.card import check_batch_finite, verify_parts
 from offpg_offline.data.split import split_episodes
 from offpg_offline.data.store import read_card
 from offpg_offline.data.stream import EpisodeSource, LogView, episode_rows
@@ -70,7 +71,8 @@ def prepare_data(dataset: Path, config: TrainConfig) -> TrainingData:
     Raises:
         ValueError: the chosen propensity column is empty (one sentence naming it).
     """
-    card = read_card(dataset)
+    card = read_card(dataset, allow_env_entry_point=config.allow_env_entry_point)
+    verify_parts(dataset, card, full_hash=config.verify)  # sizes, rows, types; sha256: --verify
     log_source: EpisodeSource | None = None
     if use_streaming(card, config):
         log_source = EpisodeSource(dataset, logp_column=f"{config.propensity.value}_logp")
@@ -86,6 +88,7 @@ def prepare_data(dataset: Path, config: TrainConfig) -> TrainingData:
         train_ids, val_ids = split_episodes(episode_ids, config.val_fraction, config.seed)
         train_local = train_ord = ordinals_of(episode_ids, train_ids)
         val_local = ordinals_of(episode_ids, val_ids)
+    check_batch_finite(batch, dataset)
     behavior_logp = behavior_logp_of(batch, config.propensity, dataset)
     train_batch = batch.episodes(train_local)
     train_rows = episode_rows(batch.episode_start, train_local)

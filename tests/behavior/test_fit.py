@@ -301,3 +301,72 @@ def test_near_deterministic_logger_is_flagged(tmp_path: Path) -> None:
     assert report.metrics["behavior/near_deterministic_fraction"] > 0.5
     assert any("near-deterministic" in warning for warning in report.warnings)
     assert report.metrics["behavior/accuracy"] > 0.95
+
+
+# --- atomicity: the behavior model is part of the dataset's single rename ---------------------
+
+TINY = FitConfig(folds=2, hidden=(8,), steps=20, eval_every=10)
+
+_KILL_DURING_ARTIFACTS = """
+import os, signal, sys
+from pathlib import Path
+import offpg_offline.behavior.fit as fit
+
+def killed(*args, **kwargs):  # the model checkpoint is written; the diagram is next
+    assert (Path(args[1]).parent / "model.pt").is_file()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+fit.reliability_diagram = killed
+fit.fit_behavior(Path(sys.argv[1]), out=Path(sys.argv[2]),
+                 config=fit.FitConfig(folds=2, hidden=(8,), steps=20, eval_every=10))
+"""
+
+
+def _leftovers(folder: Path, name: str) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(f"{name}."))
+
+
+def test_a_kill_while_writing_the_model_leaves_no_dataset_and_a_rerun_works(
+    cartpole_log: Path, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "fitted"
+    done = subprocess.run([sys.executable, "-c", _KILL_DURING_ARTIFACTS, str(cartpole_log),
+                           str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == -9, done.stderr  # SIGKILL, after the model file was written
+    assert not out.exists()  # before: the dataset was renamed in place, the report missing
+    report = fit_behavior(cartpole_log, out=out, config=TINY)  # before: "already exists"
+    assert report.out == out and verify_dataset(out) == []
+    card = read_card(out)
+    checkpoint = card["propensity"]["estimated_logp"]["model_checkpoint"]
+    assert (out / checkpoint).is_file()
+    assert {p.parent for p in report.artifacts.values()} == {(out / checkpoint).parent}
+    assert all(p.is_file() for p in report.artifacts.values())
+    assert _leftovers(tmp_path, "fitted") == []  # the dead run's temporary folder is gone
+
+
+def test_an_error_while_writing_the_model_leaves_nothing(
+    cartpole_log: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import offpg_offline.behavior.fit as fit
+
+    def broken(*args: object, **kwargs: object) -> Path:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fit, "reliability_diagram", broken)
+    out = tmp_path / "fitted"
+    with pytest.raises(OSError, match="No space left"):
+        fit_behavior(cartpole_log, out=out, config=TINY)
+    assert not out.exists() and _leftovers(tmp_path, "fitted") == []
+    # In place: the original dataset stays as it was, byte for byte.
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cartpole_log, copy)
+    before = {p.name: file_sha256(p) for p in copy.rglob("*") if p.is_file()}
+    with pytest.raises(OSError, match="No space left"):
+        fit_behavior(copy, in_place=True, config=TINY)
+    assert {p.name: file_sha256(p) for p in copy.rglob("*") if p.is_file()} == before
+    assert _leftovers(tmp_path, "copy") == []
