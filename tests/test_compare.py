@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from offpg_offline.cli import app
-from offpg_offline.compare import config_key, pick_ope, summarize
+from offpg_offline.compare import attach_evaluations, config_key, pick_ope, summarize
 from offpg_offline.config import TrackingConfig
 from offpg_offline.tracking import MlflowTracker, RunRecord
 
@@ -80,6 +80,33 @@ def test_summarize_groups_by_config_minus_seed_and_ranks_by_mean() -> None:
     assert [g.metric.mean for g in ascending] == [90.0, 100.0, 110.0]
     assert [g.estimator for g in summarize(runs, "no/such_metric")] == sorted(
         g.estimator for g in groups)  # all unranked: by label
+
+
+def test_ranking_by_evaluation_uses_each_runs_latest_validation_evaluation() -> None:
+    # Training logged ope/wdr 30 (a) and 20 (b); evaluations (oldest first) say otherwise:
+    # a's latest validation evaluation is 5 (its earlier 50 is superseded; one on all episodes
+    # of another dataset, 99, is not comparable and ignored), b's is 7.
+    runs = [RunRecord("a", "a", {"estimator": "per-step", "lr": "0.1"}, {"ope/wdr": 30.0}, {}),
+            RunRecord("b", "b", {"estimator": "per-step", "lr": "0.2"}, {"ope/wdr": 20.0}, {})]
+
+    def evaluation(parent: str, split: str, value: float) -> RunRecord:
+        tags = {"mlflow.parentRunId": parent, "offpg.eval.split": split,
+                "offpg.kind": "evaluation"}
+        return RunRecord(f"e-{parent}-{value}", "eval", {}, {"ope/wdr": value}, tags)
+
+    evaluations = [evaluation("a", "validation", 50.0), evaluation("b", "validation", 7.0),
+                   evaluation("a", "validation", 5.0), evaluation("a", "all", 99.0)]
+    attached = attach_evaluations(runs, evaluations)
+    assert [r.metrics for r in attached] == [{"ope/wdr": 30.0, "eval:ope/wdr": 5.0},
+                                             {"ope/wdr": 20.0, "eval:ope/wdr": 7.0}]
+    assert runs[0].metrics == {"ope/wdr": 30.0}  # the training records are not modified
+    by_eval = summarize(attached, "eval:ope/wdr")
+    by_training = summarize(attached, "ope/wdr")
+    assert [g.run_ids for g in by_eval] == [("b",), ("a",)]
+    assert [g.run_ids for g in by_training] == [("a",), ("b",)]
+    assert [g.metric.mean for g in by_eval] == [7.0, 5.0]
+    flipped = attach_evaluations(runs, [*evaluations, evaluation("a", "validation", 8.0)])
+    assert [g.run_ids for g in summarize(flipped, "eval:ope/wdr")] == [("a",), ("b",)]
 
 
 def test_config_key_ignores_seed_and_threads_only() -> None:

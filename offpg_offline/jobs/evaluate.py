@@ -513,9 +513,9 @@ def record_evaluation(result: Evaluation, source: RunSource, card: Mapping[str, 
     client = tracking.open_client(TrackingConfig())
     experiment = client.get_experiment(source.experiment_id).name
     name = f"eval {result.target.choice or 'policy'} on {result.split}"
-    tags = {"mlflow.parentRunId": source.run_id, **evaluation_tags(result, card, config)}
     with tracking.MlflowTracker.start(TrackingConfig(), experiment=experiment, run_name=name,
-                                      tags=tags) as tracker:
+                                      tags=evaluation_tags(result, card, config),
+                                      parent_run_id=source.run_id) as tracker:
         tracker.log_params({**as_params(config), "gamma": result.gamma, "split": result.split,
                             "dataset": str(result.dataset)})
         tracker.log_dataset(result.dataset, card, context="evaluation")
