@@ -282,7 +282,12 @@ def ingest_parquet_command(
         help="What a 'done' column means: terminated (default) or truncated.")] = None,
     action_space: Annotated[str | None, typer.Option(
         help="discrete:N, box:LOW:HIGH:DIM or space JSON; default: inferred.")] = None,
-    env: Annotated[str | None, typer.Option(help="Gymnasium env id to record in the card.")] = None,
+    env: Annotated[str | None, typer.Option(
+        help="Gymnasium env id (or EnvSpec JSON, or a .json file of it) recorded in the card "
+             "and built for online evaluation.")] = None,
+    env_kwargs: Annotated[list[str] | None, typer.Option(
+        help="KEY=VALUE argument of the --env constructor (JSON value, e.g. continuous=true); "
+             "repeatable.")] = None,
     name: Annotated[str | None, typer.Option(help="Dataset name (default: folder name).")] = None,
     description: Annotated[str | None, typer.Option(help="Free text for the card.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset at --out.")] = False,
@@ -311,6 +316,9 @@ def ingest_parquet_command(
         column_mapping = (parquet.merge_mappings(parquet.load_mapping(mapping), cli_mapping)
                           if mapping else cli_mapping)
         space = parquet.parse_action_space(action_space) if action_space else None
+        from offpg_offline.data.envspec import parse_env_kwargs
+
+        kwargs = parse_env_kwargs(env_kwargs or [])
         files = parquet.input_files(paths)
         console = Console(stderr=True)
         with Progress(TextColumn("ingest"), BarColumn(), MofNCompleteColumn(),
@@ -321,7 +329,7 @@ def ingest_parquet_command(
                 files, out, mapping=column_mapping, action_space=space, env_id=env, name=name,
                 description=description, overwrite=overwrite,
                 progress=lambda rows: bar.advance(task, rows), bandit=bandit,
-                categories_from=categories_from)
+                categories_from=categories_from, env_kwargs=kwargs)
     except (ValueError, FileNotFoundError, OSError) as err:  # DataError is a ValueError
         fail(str(err))
     for warning in result.warnings:
@@ -418,6 +426,8 @@ def train(
                 "ope/pdis_validation", "weights/ess_fraction"):
         if key in result.metrics:
             summary.append(f"{key} {result.metrics[key]:.4g}")
+    if getattr(result, "online_skipped", None):
+        summary.append(f"online evaluation skipped: {result.online_skipped}")
     typer.echo("; ".join(summary))
     typer.echo(f"checkpoint: {result.checkpoint}")
     uri = tracking.resolve_uri(run.tracking)

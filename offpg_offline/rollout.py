@@ -9,9 +9,7 @@ as the dataset ingest does.
 
 from __future__ import annotations
 
-import json
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +17,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
+
+from offpg_offline.data.envspec import build_env
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +42,8 @@ class EnvUnavailableWarning(UserWarning):
 
 
 def try_make_env(env_id_or_spec: Any) -> tuple[gym.Env | None, str | None]:
-    """Build an environment, or say in one sentence why it cannot be built.
+    """Build an environment, or say in one sentence why it cannot be built
+    (`data.envspec.build_env`: a card's full `env_spec`, kwargs included, is built as recorded).
 
     Args:
         env_id_or_spec: a gymnasium id (`"CartPole-v1"`), an `EnvSpec` or its JSON, or a
@@ -52,39 +53,7 @@ def try_make_env(env_id_or_spec: Any) -> tuple[gym.Env | None, str | None]:
     Returns:
         `(env, None)` on success, `(None, reason)` otherwise.
     """
-    if env_id_or_spec is None:
-        return None, "the dataset records no environment (pass --env ID)"
-    if isinstance(env_id_or_spec, gym.envs.registration.EnvSpec):
-        env_id_or_spec = {
-            "id": env_id_or_spec.id,
-            "kwargs": dict(env_id_or_spec.kwargs),
-            "max_episode_steps": env_id_or_spec.max_episode_steps,
-            "entry_point": env_id_or_spec.entry_point,
-        }
-    if isinstance(env_id_or_spec, str) and env_id_or_spec.lstrip().startswith("{"):
-        try:  # an EnvSpec serialised by gymnasium's `EnvSpec.to_json` (as Minari stores it)
-            env_id_or_spec = json.loads(env_id_or_spec)
-        except json.JSONDecodeError as err:
-            return None, f"cannot read the environment spec JSON ({err.msg})"
-    if isinstance(env_id_or_spec, str):
-        env_id_or_spec = {"id": env_id_or_spec}
-    if not isinstance(env_id_or_spec, Mapping) or not env_id_or_spec.get("id"):
-        return None, f"cannot read an environment id from {env_id_or_spec!r}"
-    env_id = str(env_id_or_spec["id"])
-    kwargs = dict(env_id_or_spec.get("kwargs") or {})
-    if env_id_or_spec.get("max_episode_steps") is not None:
-        kwargs["max_episode_steps"] = int(env_id_or_spec["max_episode_steps"])
-    target: Any = env_id
-    if env_id not in gym.registry and env_id_or_spec.get("entry_point"):
-        target = gym.envs.registration.EnvSpec(id=env_id, entry_point=env_id_or_spec["entry_point"])
-    try:
-        return gym.make(target, **kwargs), None
-    except gym.error.DependencyNotInstalled as err:
-        return None, f"environment {env_id} needs a missing dependency ({err})"
-    except gym.error.Error as err:
-        return None, f"environment {env_id} is not available ({err})"
-    except Exception as err:  # an env's own constructor can raise anything (ImportError, ...)
-        return None, f"environment {env_id} could not be built ({type(err).__name__}: {err})"
+    return build_env(env_id_or_spec)
 
 
 def make_env(env_id_or_spec: Any) -> gym.Env | None:

@@ -16,6 +16,7 @@ selection, monitoring) and `distributed`. It never imports mlflow: a `Tracker` i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import time
@@ -103,6 +104,7 @@ class TrainResult:
     final_log_weights: Tensor | None = None  # log-weights on the training split at the end
     selected: Path | None = None  # the checkpoint chosen by `select_by`, when set
     selected_step: int | None = None
+    online_skipped: str | None = None  # why no online returns (the env cannot be built)
 
 
 def train(
@@ -129,9 +131,11 @@ def train(
     start_step = 0 if checkpoint is None else int(checkpoint["step"])
 
     data = prepare_data(dataset, config)
-    env_id = resolve_env(data.card, config)
+    env_id, online_skipped = resolve_env(data.card, config)
     if context.is_main:
         record_run(dataset, data, config, context, tracker, out_dir, fresh=checkpoint is None)
+        if online_skipped:
+            tracker.set_tags({"offpg.online_skipped": online_skipped[:5000]})
     policy, optimizer, bc_metrics = build_policy(data, config, context, checkpoint, env_id)
     if bc_metrics:
         tracker.log_metrics(bc_metrics, step=0)
@@ -164,8 +168,9 @@ def train(
             advance(loss=metrics["train/loss"], ess=logged.get("weights/ess_fraction", math.nan))
 
     distributed.teardown(context)
-    return finish(policy, optimizer, data, config, tracker, context, out_dir=out_dir,
-                  env_id=env_id, selector=selector, metrics=logged | bc_metrics)
+    result = finish(policy, optimizer, data, config, tracker, context, out_dir=out_dir,
+                    env_id=env_id, selector=selector, metrics=logged | bc_metrics)
+    return dataclasses.replace(result, online_skipped=online_skipped)
 
 
 def record_run(

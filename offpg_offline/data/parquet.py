@@ -46,6 +46,7 @@ import pyarrow.compute as pc
 
 from offpg_offline.data import schema as sc
 from offpg_offline.data.categorical import Categories, vocabulary
+from offpg_offline.data.envspec import build_env, env_spec
 from offpg_offline.data.spaces import flatten_space, space_from_json, space_to_json
 from offpg_offline.data.store import (
     DEFAULT_ROWS_PER_FILE,
@@ -783,14 +784,12 @@ def count_rows(files: Sequence[Path]) -> int | None:
         return None
 
 
-def _env_spaces(env_id: str) -> tuple[Any, Any, str | None]:
-    """(observation space, action space, None) of a gymnasium env, or (None, None, reason)."""
-    try:
-        import gymnasium
-
-        env = gymnasium.make(env_id)
-    except Exception as err:  # any failure to build: keep the id only, say why
-        return None, None, f"{type(err).__name__}: {err}"
+def _env_spaces(spec: Mapping[str, Any]) -> tuple[Any, Any, str | None]:
+    """(observation space, action space, None) of the env `spec` describes (kwargs included),
+    or (None, None, reason)."""
+    env, reason = build_env(spec)
+    if env is None:
+        return None, None, reason
     try:
         return env.observation_space, env.action_space, None
     finally:
@@ -843,6 +842,7 @@ def ingest_parquet(
     progress: Callable[[int], None] | None = None,
     bandit: bool = False,
     categories_from: Path | None = None,
+    env_kwargs: Mapping[str, Any] | None = None,
 ) -> IngestResult:
     """Convert foreign Parquet / CSV step logs into a canonical dataset at `out`.
 
@@ -852,7 +852,8 @@ def ingest_parquet(
         mapping: column mapping (default: canonical names).
         action_space: a gymnasium Box/Discrete to check actions against (default: the env's
             when `env_id` can be built, else inferred from the data).
-        env_id: gymnasium id recorded in the card's env_spec.
+        env_id: gymnasium id (or EnvSpec JSON text / .json file) recorded in the card's
+            `env_spec`, completed from gymnasium's registration (`envspec.env_spec`).
         name, description: card fields.
         overwrite: replace an existing dataset at `out`.
         batch_rows: rows per streamed batch (memory is O(batch_rows + longest episode)).
@@ -861,6 +862,8 @@ def ingest_parquet(
         bandit: one decision per row: every row is a one-step episode that terminates, its
             episode id the row number over all files (episode id, step, done flags and
             next_obs columns are not read). The card records `"bandit": true`.
+        env_kwargs: constructor arguments of the env (`--env-kwargs`), stored in the card's
+            `env_spec.kwargs` and used to build it (spaces here, rollouts later).
         categories_from: a dataset whose card's `categorical` vocabularies encode the
             `mapping.categorical_cols` columns (default: the vocabularies of this input).
 
@@ -877,11 +880,14 @@ def ingest_parquet(
     names = [str(f) for f in files]
     warnings: list[str] = []
     observation_space = None
-    if env_id is not None:
-        env_obs, env_action, reason = _env_spaces(env_id)
+    if env_kwargs and env_id is None:
+        raise ValueError("--env-kwargs needs --env ID (the environment they configure).")
+    spec = None if env_id is None else env_spec(env_id, env_kwargs)
+    if spec is not None:
+        env_obs, env_action, reason = _env_spaces(spec)
         if reason is not None:
-            warnings.append(f"environment {env_id} could not be built here ({reason}); only its "
-                            f"id is recorded and the spaces are inferred from the data.")
+            warnings.append(f"environment {spec['id']} could not be built here ({reason}); its "
+                            f"spec is recorded and the spaces are inferred from the data.")
         else:
             observation_space = flatten_space(env_obs)
             if action_space is None:
@@ -927,7 +933,7 @@ def ingest_parquet(
         "observation_space": None if observation_space is None else space_to_json(
             observation_space),
         "action_space": None if action_space is None else space_to_json(action_space),
-        "env_spec": None if env_id is None else {"id": env_id},
+        "env_spec": spec,
         "source": source,
         "behavior": None,
         "bandit": bandit,

@@ -57,19 +57,19 @@ def final_log_weights(policy: nn.Module, view: LogView, config: TrainConfig) -> 
     ).cpu()
 
 
-def resolve_env(card: Mapping[str, Any], config: TrainConfig) -> str | None:
-    """The env id for online evaluation (`--env`, else the card's), if gymnasium can build it."""
-    from offpg_offline.rollout import make_env
+def resolve_env(card: Mapping[str, Any], config: TrainConfig) -> tuple[Any, str | None]:
+    """The env for online evaluation — `--env`, else the card's full `env_spec` (kwargs kept) —
+    and None when gymnasium builds it; else (None, why online evaluation is skipped)."""
+    from offpg_offline.rollout import try_make_env
 
-    spec = card.get("env_spec") or {}
-    env_id = config.env or spec.get("id")
-    if env_id is None:
-        return None
-    env = make_env(env_id)
+    spec = config.env or card.get("env_spec")
+    if not spec:
+        return None, "the dataset records no environment (pass --env ID)"
+    env, reason = try_make_env(spec)
     if env is None:
-        return None
+        return None, reason
     env.close()
-    return str(env_id)
+    return spec, None
 
 
 def online_metrics(
