@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import typer
 from typer.testing import CliRunner
 
 from offpg_offline.cli import app
+from offpg_offline.config import TrackingConfig, TrainConfig, parse_config
 
 DATASETS = Path(__file__).resolve().parents[1] / "datasets"
 FAST = ["--steps", "10", "--init", "random", "--baseline", "none", "--eval-episodes", "2"]
@@ -108,3 +112,119 @@ def test_a_folder_without_a_card_is_refused(workdir: Path) -> None:
     result = CliRunner().invoke(app, ["train", str(workdir)])
     assert result.exit_code == 2
     assert "is not a dataset folder (no _dataset.json)" in result.output
+
+
+# --- options generated from the config (issue 14.3) and validated at parse time (13.5, 13.7) ---
+
+
+def _train_command() -> Any:
+    return typer.main.get_command(app).commands["train"]  # type: ignore[attr-defined]
+
+
+def test_help_shows_every_config_field_with_its_doc_and_default() -> None:
+    command = _train_command()
+    params = {opt: param for param in command.params for opt in param.opts}
+    rendered = CliRunner(env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"}).invoke(
+        app, ["train", "--help"]).output
+    for cls in (TrainConfig, TrackingConfig):
+        for f in dataclasses.fields(cls):
+            flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+            assert flag in params, f"no option for {cls.__name__}.{f.name}"
+            assert params[flag].help == f.metadata["help"]
+            default = f.default
+            shown = ("none" if default is None else str(default).lower()
+                     if isinstance(default, bool) else ",".join(map(str, default))
+                     if isinstance(default, tuple) else getattr(default, "value", default))
+            assert params[flag].show_default == str(shown), flag
+            assert flag in rendered
+    assert rendered.count("[default: ") >= len(dataclasses.fields(TrainConfig))
+    assert "[default: (2.0)]" in " ".join(rendered.split())  # --clip's
+
+
+def test_clip_none_trains_unclipped_and_its_config_reruns_unclipped(workdir: Path) -> None:
+    from mlflow import MlflowClient
+
+    result = CliRunner().invoke(
+        app, ["train", str(DATASETS / "cartpole-weak"), *FAST, "--clip", "none"])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("cartpole-weak").experiment_id])
+    assert run.data.params["clip"] == "none"
+    assert run.info.run_name == "per-step-kl2-s0"  # no clip part in the name
+    saved = Path(client.download_artifacts(run.info.run_id, "config.toml", str(workdir)))
+    assert 'clip = "none"' in saved.read_text().splitlines()
+    again = CliRunner().invoke(app, ["train", str(DATASETS / "cartpole-weak"), "--config",
+                                     str(saved), "--experiment", "rerun"])
+    assert again.exit_code == 0, again.output
+    (rerun,) = client.search_runs([client.get_experiment_by_name("rerun").experiment_id])
+    assert rerun.data.params["clip"] == "none"
+    assert {k: v for k, v in rerun.data.params.items() if k != "experiment"} == {
+        k: v for k, v in run.data.params.items() if k != "experiment"}
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--kl-coef", "nan"], "error: --kl-coef must be a finite number, got nan"),
+        (["--lr", "inf"], "error: --lr must be a finite number, got inf"),
+        (["--seed", str(2**64)],
+         f"error: --seed must fit in a signed 64-bit integer (below 2**63), got {2**64}"),
+        (["--hidden", "64,1000000000"],
+         "error: --hidden sizes must lie in (0, 65536], got 1000000000"),
+        (["--gamma", "none"], "error: Invalid value for '--gamma': 'none' is not a valid float"),
+        (["--select-by", "wis", "--val-fraction", "0"],
+         "error: --select-by needs a validation split: set val_fraction > 0"),
+        (["--out-dir", "a-file"], "error: --out-dir a-file is a file, not a folder"),
+        (["--out-dir", "a-file/sub"], "error: --out-dir a-file/sub cannot be created: a-file is"),
+    ],
+)
+def test_bad_values_are_one_line_naming_the_option_before_any_tracking(
+    workdir: Path, args: list[str], line: str
+) -> None:
+    (workdir / "a-file").write_text("not a folder")
+    result = CliRunner().invoke(app, ["train", str(DATASETS / "cartpole-weak"), *args])
+    assert result.exit_code == 2, result.output
+    (only,) = result.stderr.splitlines()
+    assert only.startswith(line), only
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in workdir.iterdir()) == ["a-file"]  # no mlflow.db, no runs/
+
+
+@pytest.mark.slow  # ~40 s: BC, checkpoints, OPE selection and evaluation every 2 steps
+def test_every_option_reaches_the_recorded_config(workdir: Path) -> None:
+    """Each generated option, given a non-default value, lands in the run's config.toml."""
+    given = {
+        "estimator": "past-weight", "propensity": "logged", "gamma": "0.9", "steps": "4",
+        "lr": "0.002", "batch_episodes": "8", "batch_steps": "64", "hidden": "8x4",
+        "policy": "categorical", "clip": "3", "clip_mode": "cumulative", "kl_coef": "0.5",
+        "ppo_epsilon": "0.3", "baseline": "constant", "init": "bc", "bc_steps": "2",
+        "val_fraction": "0.25", "seed": "5", "threads": "1", "device": "cpu",
+        "memory_budget": "1.5", "shuffle_buffer_episodes": "16", "log_every": "2",
+        "checkpoint_every": "2", "eval_every": "2", "eval_episodes": "1", "select_by": "wis",
+        "env": "CartPole-v1",
+    }
+    flags = {"self_normalize": True, "standardize_returns": True, "psis": True,
+             "stream": False, "verify": True, "allow_env_entry_point": False}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(given) | set(flags) == fields  # a new field must be added here
+    args = [str(DATASETS / "cartpole-weak"), "--experiment", "all-options", "--run-name", "r"]
+    for key, text in given.items():
+        args += ["--" + key.replace("_", "-"), text]
+    for key, on in flags.items():
+        args.append(("--" if on else "--no-") + key.replace("_", "-"))
+    result = CliRunner().invoke(app, ["train", *args])
+    assert result.exit_code == 0, result.output
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("all-options").experiment_id])
+    assert run.info.run_name == "r"
+    saved = Path(client.download_artifacts(run.info.run_id, "config.toml", str(workdir)))
+    recorded = parse_config(saved.read_text(), source="config.toml").train
+    for key, text in given.items():
+        expected = tuple(int(h) for h in text.split("x")) if key == "hidden" else text
+        value = getattr(recorded, key)
+        assert str(getattr(value, "value", value)) == str(expected) or value == type(value)(
+            text), key
+    for key, on in flags.items():
+        assert getattr(recorded, key) is on, key
