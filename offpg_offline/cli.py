@@ -300,6 +300,10 @@ def ingest_parquet_command(
              "plus an unknown slot); repeatable.")] = None,
     categories_from: Annotated[Path | None, typer.Option(
         help="Encode --categorical-cols with the vocabulary of this earlier dataset.")] = None,
+    actions: Annotated[str, typer.Option(
+        help="executed: the actions the env received; unclipped: the raw samples (and their "
+             "densities) of a policy whose actions were clipped to the env's bounds, which the "
+             "card keeps for rollouts.")] = "executed",
 ) -> None:
     """Convert foreign Parquet/CSV step logs into the canonical Parquet format."""
     from rich.console import Console
@@ -329,7 +333,7 @@ def ingest_parquet_command(
                 files, out, mapping=column_mapping, action_space=space, env_id=env, name=name,
                 description=description, overwrite=overwrite,
                 progress=lambda rows: bar.advance(task, rows), bandit=bandit,
-                categories_from=categories_from, env_kwargs=kwargs)
+                categories_from=categories_from, env_kwargs=kwargs, actions=actions)
     except (ValueError, FileNotFoundError, OSError) as err:  # DataError is a ValueError
         fail(str(err))
     for warning in result.warnings:

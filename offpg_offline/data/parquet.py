@@ -766,10 +766,11 @@ def _int64_ids(series: pl.Series, file: str, first_row: int, what: str) -> np.nd
 
 def _scan(path: Path) -> pl.LazyFrame:
     suffix = path.suffix.lower()
+    # glob=False: a file named `log[1].parquet` is that file, not a pattern matching others.
     if suffix in PARQUET_SUFFIXES:
-        return pl.scan_parquet(path)
+        return pl.scan_parquet(path, glob=False)
     return pl.scan_csv(path, separator="\t" if suffix == ".tsv" else ",",
-                       infer_schema_length=10_000)
+                       infer_schema_length=10_000, glob=False)
 
 
 def count_rows(files: Sequence[Path]) -> int | None:
@@ -794,6 +795,58 @@ def _env_spaces(spec: Mapping[str, Any]) -> tuple[Any, Any, str | None]:
         return env.observation_space, env.action_space, None
     finally:
         env.close()
+
+
+ACTION_SEMANTICS = ("executed", "unclipped")
+CLIPPED_WARN_FRACTION = 0.01  # warn when ≥ 1% of continuous actions sit exactly on a bound
+
+
+def _finite_box(space: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """(low, high) of a Box with finite bounds (flat float32), else None."""
+    low, high = getattr(space, "low", None), getattr(space, "high", None)
+    if low is None or high is None or not (np.isfinite(low).all() and np.isfinite(high).all()):
+        return None
+    return (np.asarray(low, np.float32).reshape(-1), np.asarray(high, np.float32).reshape(-1))
+
+
+def _rows_on_bounds(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> int:
+    """Rows whose action has a component exactly equal to its lower or upper bound."""
+    if action.ndim != 2 or action.shape[1] != low.shape[0]:
+        return 0
+    return int(np.count_nonzero(((action == low) | (action == high)).any(axis=1)))
+
+
+def _action_semantics(actions: str, space: Any) -> dict[str, Any]:
+    """Card fields for `actions`: "executed" records nothing; "unclipped" records
+    `env_action_space` (the env's true bounds, used by rollouts) and `actions`."""
+    if actions not in ACTION_SEMANTICS:
+        raise ValueError(f"--actions must be 'executed' or 'unclipped', got {actions!r}.")
+    if actions == "executed":
+        return {}
+    if _finite_box(space) is None:
+        raise ValueError("--actions unclipped needs the env's true action bounds: give --env ID "
+                         "(a continuous env gymnasium can build) or --action-space "
+                         "box:LOW:HIGH:DIM.")
+    return {
+        "env_action_space": space_to_json(space),
+        "actions": {
+            "semantics": "unclipped",
+            "stored": "the raw samples of the logging policy, possibly outside "
+                      "env_action_space; logged_logp is their density",
+            "policy": "densities are evaluated on the raw action (action_space is unbounded, so "
+                      "the target policy is an unsquashed Gaussian)",
+            "rollout": "actions are clipped to env_action_space before env.step, as the logging "
+                       "system did",
+        },
+    }
+
+
+def _unbounded(space: Any) -> Any:
+    """The stored action space of an unclipped log: a Box of the same shape, no bounds."""
+    from gymnasium import spaces
+
+    shape = (int(np.prod(space.shape)),)
+    return spaces.Box(-np.inf, np.inf, shape, dtype=np.float32)
 
 
 def _categories(files: Sequence[Path], plans: Sequence[_Plan],
@@ -843,6 +896,7 @@ def ingest_parquet(
     bandit: bool = False,
     categories_from: Path | None = None,
     env_kwargs: Mapping[str, Any] | None = None,
+    actions: str = "executed",
 ) -> IngestResult:
     """Convert foreign Parquet / CSV step logs into a canonical dataset at `out`.
 
@@ -864,6 +918,9 @@ def ingest_parquet(
             next_obs columns are not read). The card records `"bandit": true`.
         env_kwargs: constructor arguments of the env (`--env-kwargs`), stored in the card's
             `env_spec.kwargs` and used to build it (spaces here, rollouts later).
+        actions: "executed" (the actions the env received) or "unclipped" (the raw samples
+            of a policy whose action the env, or the logging system, clipped; the propensity
+            is their density): see `_unclipped_spaces`.
         categories_from: a dataset whose card's `categorical` vocabularies encode the
             `mapping.categorical_cols` columns (default: the vocabularies of this input).
 
@@ -892,6 +949,10 @@ def ingest_parquet(
             observation_space = flatten_space(env_obs)
             if action_space is None:
                 action_space = env_action
+    bounds = _finite_box(action_space)  # to spot a log that looks clipped
+    action_card = _action_semantics(actions, action_space)
+    if actions == "unclipped":
+        action_space = _unbounded(action_space)
     plans: list[_Plan] = []
     for file in files:
         try:
@@ -937,8 +998,10 @@ def ingest_parquet(
         "source": source,
         "behavior": None,
         "bandit": bandit,
+        **action_card,
     }
     unknown: dict[str, int] = {}
+    on_bound = [0, 0]  # rows with an action component exactly on a bound, rows
     if plans[0].propensity is not None:
         kind = ("probabilities, stored as their log" if plans[0].propensity_kind == "prob"
                 else "log-probabilities")
@@ -959,6 +1022,9 @@ def ingest_parquet(
             frames = _scan(file).select(plan.needed()).collect_batches(chunk_size=batch_rows)
             for frame in frames:
                 rows = converter.convert(frame, index, first_row)
+                if bounds is not None and actions != "unclipped":
+                    on_bound[0] += _rows_on_bounds(rows["action"], *bounds)
+                    on_bound[1] += len(frame)
                 first_row += len(frame)
                 yield from assembler.push(rows, final=False)
             source["files"][index]["rows"] = first_row
@@ -999,6 +1065,13 @@ def ingest_parquet(
     finally:
         hashing.shutdown(wait=True, cancel_futures=True)
     counts = assembler.counts
+    if (plans[0].propensity is not None and on_bound[1]
+            and on_bound[0] >= CLIPPED_WARN_FRACTION * on_bound[1]):
+        warnings.append(f"{on_bound[0]} of {on_bound[1]} actions ({on_bound[0] / on_bound[1]:.1%}) "
+                        f"lie exactly on a bound of the action space: the log looks clipped. If "
+                        f"the logger stored the unclipped samples with their densities, ingest "
+                        f"them with --actions unclipped; a clipped action paired with the density "
+                        f"of the unclipped sample biases every importance weight.")
     if unseen := {c: n for c, n in unknown.items() if n}:
         warnings.append("values outside the vocabulary of " + str(categories_from) + " went to "
                         "the unknown slot: " + ", ".join(f"{n} row(s) of column {c!r}"
