@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -13,10 +17,12 @@ from offpg_offline.config import Baseline, EstimatorName, Init, Propensity, Trai
 from offpg_offline.data.batch import load_steps
 from offpg_offline.data.split import split_episodes
 from offpg_offline.data.stream import episode_rows
+from offpg_offline.distributed import Context
 from offpg_offline.estimators import discounted_returns
 from offpg_offline.policies import policy_from_checkpoint
 from offpg_offline.train import NullTracker, train
 from offpg_offline.training.batches import make_batches, make_view
+from offpg_offline.training.prepare import prepare_data
 
 DATASETS = Path(__file__).resolve().parents[1] / "datasets"
 WEAK = DATASETS / "cartpole-weak"
@@ -30,6 +36,10 @@ class RecordingTracker(NullTracker):
         self.params: dict[str, object] = {}
         self.metrics: list[tuple[int, dict[str, float]]] = []
         self.artifacts: list[tuple[Path, str | None]] = []
+        self.tags: dict[str, str] = {}
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.tags.update(tags)
 
     def log_params(self, params: Mapping[str, str | int | float | bool]) -> None:
         self.params.update(params)
@@ -240,3 +250,51 @@ def test_select_by_names_the_choices() -> None:
         TrainConfig(select_by="wdr_upper")
     with pytest.raises(ValueError, match="select_by needs a validation split"):
         TrainConfig(select_by="wdr", val_fraction=0.0)
+
+
+def test_the_run_records_its_held_out_episodes_and_never_trains_on_them(tmp_path: Path) -> None:
+    # The recorded ids are read as plain JSON and the log with pyarrow, not through the split
+    # code; what the run trained on is read from its checkpoint (the policy normalises
+    # observations by the mean over its training episodes) and from its batches.
+    tracker = RecordingTracker()
+    config = dataclasses.replace(
+        FAST, steps=5, seed=3, val_fraction=0.25, estimator=EstimatorName.PER_DECISION,
+        batch_episodes=50,
+    )
+    result = train(WEAK, config, tracker=tracker, out_dir=tmp_path)
+    record = json.loads((tmp_path / "validation_episodes.json").read_text())
+    held_out = record["episode_ids"]
+    compact = json.dumps(held_out, separators=(",", ":")).encode()
+    assert record["digest"] == hashlib.sha256(compact).hexdigest()
+    assert tracker.tags["offpg.validation_digest"] == record["digest"]
+    assert (tmp_path / "validation_episodes.json", None) in tracker.artifacts
+
+    table = pq.read_table(WEAK / "part-00000.parquet", columns=["episode_id", "obs"])
+    row_ids = table.column("episode_id").to_numpy()
+    obs = np.array(table.column("obs").to_pylist(), dtype=np.float64)
+    episodes = np.unique(row_ids)
+    assert len(held_out) == round(0.25 * len(episodes)) and set(held_out) <= set(episodes)
+    assert tuple(held_out) == result.validation_episodes
+    assert set(result.train_episodes) == set(episodes) - set(held_out)
+
+    trained = ~np.isin(row_ids, held_out)
+    expected = obs[trained].mean(0)
+    # A float32 mean over M rows errs by ≲ log2(M)·eps·mean|x| per column; twice that.
+    tolerance = 2 * np.log2(trained.sum()) * np.finfo(np.float32).eps * np.abs(obs).mean(0)
+    obs_mean = torch.load(result.checkpoint, weights_only=True)["state_dict"]["obs_mean"]
+    assert np.all(np.abs(obs_mean.double().numpy() - expected) <= tolerance)
+    # Adding any single held-out episode would move the mean by more than that tolerance.
+    for episode in held_out:
+        rows = row_ids == episode
+        with_it = (obs[trained].sum(0) + obs[rows].sum(0)) / (trained.sum() + rows.sum())
+        assert np.any(np.abs(with_it - expected) > 10 * tolerance), episode
+
+    # One epoch of batches (300 training episodes / 50) holds exactly the training episodes'
+    # rows and none of the held-out ones (rows matched by value).
+    data = prepare_data(WEAK, config)
+    train_rows = {row.tobytes() for row in obs[trained].astype(np.float32)}
+    held_rows = {row.tobytes() for row in obs[~trained].astype(np.float32)}
+    batches = data.source.batches(Context(0, 1, 0, torch.device("cpu")), 0)
+    n_batches = (len(episodes) - len(held_out)) // config.batch_episodes
+    seen = {row.tobytes() for _ in range(n_batches) for row in next(batches).obs.numpy()}
+    assert seen == train_rows and not seen & held_rows
