@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -632,7 +633,13 @@ def fit_behavior(
         "model_checkpoint": f"{BEHAVIOR_DIR}/model.pt" if target is not None else None,
     }
 
+    title = str(card.get("name", dataset.name))
+
+    def write_artifacts(folder: Path) -> dict[str, Path]:
+        return _write_artifacts(folder, fitted.final_model, entry, calib, metrics, warnings, title)
+
     written: Path | None = None
+    artifacts: dict[str, Path] = {}
     if target is not None:
         new_card = {
             k: v for k, v in card.items() if k not in ("schema_version", "counts", "files", "stats")
@@ -640,35 +647,18 @@ def fit_behavior(
         propensity = dict(card.get("propensity") or {})
         propensity["estimated_logp"] = entry
         new_card["propensity"] = propensity
+        staged: dict[str, Path] = {}
+        # The model, diagram and report are written into write_dataset's temporary folder,
+        # before its rename: a kill at any moment leaves either no dataset or a complete one.
         written = write_dataset(
-            target, _episode_chunks(batch, estimated), card=new_card, overwrite=in_place
+            target, _episode_chunks(batch, estimated), card=new_card, overwrite=in_place,
+            before_rename=None if artifacts_dir is not None else (
+                lambda tmp: staged.update(write_artifacts(tmp / BEHAVIOR_DIR))),
         )
-
-    if artifacts_dir is None:
-        artifacts_dir = (
-            written / BEHAVIOR_DIR
-            if written is not None
-            else Path(tempfile.mkdtemp(prefix="offpg-behavior-"))
-        )
-    artifacts_dir.mkdir(parents=True, exist_ok=True)
-    artifacts: dict[str, Path] = {}
-    model_path = artifacts_dir / "model.pt"
-    torch.save(checkpoint(fitted.final_model, behavior=json.loads(json.dumps(entry))), model_path)
-    artifacts["model"] = model_path
-    if calib is not None:
-        artifacts["reliability"] = reliability_diagram(
-            calib, artifacts_dir / "reliability.png", title=str(card.get("name", dataset.name))
-        )
-    report_path = artifacts_dir / "report.json"
-    report_path.write_text(
-        json.dumps(
-            {"metrics": metrics, "warnings": warnings, "card_entry": entry, "calibration": calib},
-            indent=2,
-            allow_nan=False,
-        )
-        + "\n"
-    )
-    artifacts["report"] = report_path
+        artifacts = {key: written / BEHAVIOR_DIR / path.name for key, path in staged.items()}
+    if not artifacts:
+        folder = artifacts_dir or Path(tempfile.mkdtemp(prefix="offpg-behavior-"))
+        artifacts = write_artifacts(folder)
     return FitReport(
         metrics=metrics,
         artifacts=artifacts,
@@ -677,6 +667,38 @@ def fit_behavior(
         card_entry=entry,
         estimated_logp=estimated,
     )
+
+
+def _write_artifacts(
+    folder: Path,
+    model: BehaviorModel,
+    entry: dict[str, Any],
+    calib: dict[str, Any] | None,
+    metrics: dict[str, float],
+    warnings: list[str],
+    title: str,
+) -> dict[str, Path]:
+    """Write the final model checkpoint, the reliability diagram (discrete) and report.json
+    into `folder`, each fsynced; return name → path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    artifacts: dict[str, Path] = {"model": folder / "model.pt"}
+    torch.save(checkpoint(model, behavior=json.loads(json.dumps(entry))), artifacts["model"])
+    if calib is not None:
+        artifacts["reliability"] = reliability_diagram(calib, folder / "reliability.png",
+                                                       title=title)
+    artifacts["report"] = folder / "report.json"
+    artifacts["report"].write_text(
+        json.dumps(
+            {"metrics": metrics, "warnings": warnings, "card_entry": entry, "calibration": calib},
+            indent=2,
+            allow_nan=False,
+        )
+        + "\n"
+    )
+    for path in artifacts.values():
+        with path.open("rb") as handle:
+            os.fsync(handle.fileno())
+    return artifacts
 
 
 __all__ = [

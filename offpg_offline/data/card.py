@@ -229,8 +229,20 @@ def _propensity(where: _Where, value: Any) -> None:
                            f"propensity.{name}.model_checkpoint")
 
 
+def check_env_spec(value: Any, *, source: Path | str, allow_entry_point: bool = False) -> None:
+    """Check an `env_spec` before it is written into or read from a card (`source` is named).
+
+    Only gymnasium's own registrations are built unless the user trusts the card's code: an
+    id `module:Name` or an `entry_point` other than the registered one is refused unless
+    `allow_entry_point`.
+
+    Raises:
+        DataError: one sentence naming `source` and the key.
+    """
+    _env_spec(_Where(Path(source)), value, allow_entry_point)
+
+
 def _env_spec(where: _Where, value: Any, allow_entry_point: bool) -> None:
-    """Only gymnasium's own registrations are built unless the user trusts the card's code."""
     if value is None:
         return
     spec = _object(where, value, "env_spec")
@@ -280,7 +292,7 @@ def validate_card(raw: Any, *, source: Path, allow_env_entry_point: bool = False
     version = raw.get("schema_version")
     if version is None:
         raise where.fail("schema_version", "is missing")
-    if version != sc.SCHEMA_VERSION or isinstance(version, bool):
+    if type(version) is not int or version != sc.SCHEMA_VERSION:
         raise sc.DataError(f"{one_line(str(source))}: schema_version {one_line(repr(version))} "
                            f"is not supported (this version reads {sc.SCHEMA_VERSION}).",
                            source=str(source))

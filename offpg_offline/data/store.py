@@ -28,6 +28,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from offpg_offline.data import schema as sc
+from offpg_offline.data.card import validate_card
 from offpg_offline.data.spaces import space_from_json, space_to_json
 
 CARD_NAME = "_dataset.json"  # a leading "_": Spark, Hive, pyarrow.dataset and Ray skip it
@@ -555,6 +556,7 @@ def write_dataset(
     row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
     compression: str = DEFAULT_COMPRESSION,
     progress: Callable[[int], None] | None = None,
+    before_rename: Callable[[Path], None] | None = None,
 ) -> Path:
     """Validate and write a stream of whole-episode tables as a canonical dataset folder.
 
@@ -579,6 +581,8 @@ def write_dataset(
         row_group_size: Parquet row group size.
         compression: Parquet codec.
         progress: called with the number of rows of each table once it is written.
+        before_rename: called with the temporary folder once the shards are complete, to add
+            files (e.g. the behavior model) that must appear together with the dataset.
 
     Returns:
         `out`.
@@ -644,6 +648,8 @@ def write_dataset(
         full_card = _complete_card(
             card, out, schema=schema, files=files, stats=stats.summary(),
             action_space=action_space_json or actions.space(discrete), filled=filled, steps=steps)
+        if before_rename is not None:
+            before_rename(tmp)
         card_file = tmp / CARD_NAME
         card_file.write_text(json.dumps(full_card, indent=2, allow_nan=False) + "\n")
         _fsync_path(card_file)
@@ -732,7 +738,7 @@ def is_dataset(path: Path) -> bool:
     return Path(path).is_dir() and card_path(path).is_file()
 
 
-def read_card(path: Path) -> dict[str, Any]:
+def read_card(path: Path, *, allow_env_entry_point: bool = False) -> dict[str, Any]:
     """The card of the dataset folder `path` (or the card file itself): `card_path(path)`.
 
     Raises:
@@ -751,11 +757,11 @@ def read_card(path: Path) -> dict[str, Any]:
         card = json.loads(card_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise sc.DataError(f"{card_file}: not valid JSON ({err.msg}, line {err.lineno}).") from None
-    version = card.get("schema_version")
-    if version != sc.SCHEMA_VERSION:
-        raise sc.DataError(f"{card_file}: schema_version {version!r} is not supported (this "
-                           f"version reads {sc.SCHEMA_VERSION}).")
-    return card
+    except (UnicodeDecodeError, RecursionError) as err:
+        reason = "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else "nested too deeply"
+        raise sc.DataError(f"{card_file}: not a readable card ({reason}).") from None
+    # The one validator of untrusted cards (data.card): keys, kinds, counts, confined shards.
+    return validate_card(card, source=card_file, allow_env_entry_point=allow_env_entry_point)
 
 
 def dataset_files(path: Path) -> list[Path]:
