@@ -570,6 +570,9 @@ def evaluate(
     checkpoint: Annotated[str, typer.Option(
         help="Which checkpoint of a run or folder: shipped (selected.pt when selection ran, "
              "else final.pt), final, selected or step-N.")] = "shipped",
+    split: Annotated[str | None, typer.Option(
+        help="validation: the episodes the run held out (the ids it recorded); all: every "
+             "episode (default: validation, or all with --dataset).")] = None,
     online: Annotated[int, typer.Option(
         help="Also roll out N seeded episodes when the env can be built (0: none).")] = 0,
     estimators: Annotated[str, typer.Option(
@@ -602,10 +605,11 @@ def evaluate(
     try:
         config = EvaluateConfig(
             estimators=names, gamma=gamma, propensity=propensity, checkpoint=checkpoint,
-            n_boot=n_boot, level=level, delta=delta, fqe_iterations=fqe_iterations, seed=seed,
-            online=online, env=env)
+            split=split, n_boot=n_boot, level=level, delta=delta,
+            fqe_iterations=fqe_iterations, seed=seed, online=online, env=env)
     except ValueError as err:
-        fail(f"{err} (check --level, --delta, --n-boot, --checkpoint, --gamma, --online)")
+        fail(f"{err} (check --level, --delta, --n-boot, --checkpoint, --split, --gamma, "
+             f"--online)")
 
     from offpg_offline.jobs import evaluate as job
     from offpg_offline.jobs.evaluate import show_evaluation

@@ -513,6 +513,11 @@ class EvaluateConfig:
         metadata={"help": "Which checkpoint of a run: shipped (selected.pt when selection ran, "
                           "else final.pt), final, selected or step-N."},
     )
+    split: str | None = field(
+        default=None,
+        metadata={"help": "validation: the episodes the run held out (recorded ids); all: every "
+                          "episode (default: validation, or all with --dataset)."},
+    )
     n_boot: int = field(default=1000, metadata={"help": "Bootstrap resamples over episodes."})
     level: float = field(default=0.95, metadata={"help": "Coverage of the bootstrap interval."})
     delta: float = field(default=0.05, metadata={"help": "HCOPE bounds hold w.p. ≥ 1 − delta."})
@@ -543,6 +548,8 @@ class EvaluateConfig:
             raise ValueError(f"online must be 0 or more episodes, got {self.online}")
         if self.fqe_iterations is not None and self.fqe_iterations < 1:
             raise ValueError(f"fqe_iterations must be at least 1, got {self.fqe_iterations}")
+        if self.split not in (None, "validation", "all"):
+            raise ValueError(f"split must be validation or all, got {self.split!r}")
         step = self.checkpoint.removeprefix("step-")
         if self.checkpoint not in ("shipped", "final", "selected") and not (
             self.checkpoint.startswith("step-") and step.isdigit()

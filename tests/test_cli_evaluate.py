@@ -216,6 +216,24 @@ def test_a_folder_evaluates_its_shipped_checkpoint_and_says_which(tmp_path: Path
     shown = CliRunner().invoke(app, args[:-1])
     assert "step 20, selected by wis" in shown.stdout, shown.stdout
 
+    # --split validation: the ids recorded beside the checkpoints (written here, contract §2).
+    held_out_ids = sorted(set(batch.episode_id.tolist()))[::5]
+    digest = hashlib.sha256(json.dumps(held_out_ids, separators=(",", ":")).encode()).hexdigest()
+    (tmp_path / "validation_episodes.json").write_text(
+        json.dumps({"episode_ids": held_out_ids, "digest": digest}))
+    result = CliRunner().invoke(app, [*args, "--split", "validation"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["split"] == "validation" and data["n_episodes"] == len(held_out_ids) == 80
+    mask = np.isin(batch.episode_id[batch.episode_start].numpy(), held_out_ids)
+    held_out = batch.episodes(torch.from_numpy(np.flatnonzero(mask)))
+    wis = ope.evaluate_offline(chosen, held_out, held_out.logged_logp, gamma=0.9, n_boot=20,
+                               estimators=("wis",))[0]
+    assert data["ope"]["wis"]["value"] == pytest.approx(wis.value, rel=1e-12)
+    refused = CliRunner().invoke(app, ["evaluate", "--policy", "uniform", "--dataset",
+                                       str(DATASET), "--split", "validation"])
+    assert refused.exit_code == 2 and "--split all" in refused.output
+
 
 def _training_run(tmp_path: Path, held_out: list[int]) -> tuple[str, CategoricalPolicy,
                                                                  CategoricalPolicy]:

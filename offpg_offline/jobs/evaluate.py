@@ -59,6 +59,7 @@ class Target:
         step: training step of the checkpoint.
         criterion: why this checkpoint, e.g. "selected by wpdis" or "final step".
         params: the training config recorded in the checkpoint (γ, seed, val_fraction, ...).
+        validation_ids: the held-out episode ids recorded beside a checkpoint file.
     """
 
     policy: Any
@@ -68,6 +69,7 @@ class Target:
     step: int | None = None
     criterion: str | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
+    validation_ids: Tensor | None = None  # `validation_episodes.json` beside the checkpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,13 +173,17 @@ def load_checkpoint_target(path: Path, *, choice: str | None = None,
         policy = policy_from_checkpoint(ckpt).eval()
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{name or path}: not a policy checkpoint ({err})") from None
+    from offpg_offline.data.split import VALIDATION_RECORD, read_validation_record
+
     params = dict(ckpt.get("config") or {})
     step = int(ckpt["step"]) if "step" in ckpt else None
     if criterion is None:
         select_by = params.get("select_by")
         criterion = {"selected": f"selected by {select_by}", "final": "final step"}.get(
             choice or "", f"step {step}" if choice else "as given")
-    return Target(policy, "checkpoint", name or str(path), choice, step, criterion, params)
+    record = Path(path).parent / VALIDATION_RECORD
+    ids = read_validation_record(record) if name is None and record.is_file() else None
+    return Target(policy, "checkpoint", name or str(path), choice, step, criterion, params, ids)
 
 
 def folder_target(folder: Path, choice: str) -> Target:
@@ -206,16 +212,24 @@ def run_target(target: str, choice: str, tmp: Path) -> tuple[Target, RunSource]:
     tags, params = dict(run.data.tags), dict(run.data.params)
     resolved = _resolve_choice(choice, "selected_checkpoint" in tags, f"run {target}")
     artifact = f"checkpoints/{_checkpoint_file(resolved)}"
+    local = Path("runs") / target / _checkpoint_file(resolved)  # train's default --out-dir
     try:
         path = Path(client.download_artifacts(target, artifact, str(tmp)))
-    except (tracking.MlflowException, OSError) as err:
-        raise ValueError(f"run {target} has no artifact {artifact} in {where} "
-                         f"({str(err).splitlines()[0]})") from None
+    except (tracking.MlflowException, OSError):
+        if not local.is_file():
+            logged = [Path(a.path).name for a in client.list_artifacts(target, "checkpoints")]
+            raise ValueError(
+                f"run {target} has no {artifact} in {where} (it logged "
+                f"{', '.join(logged) or 'no checkpoint'}); step checkpoints stay in the "
+                f"training's --out-dir: pass that folder as TARGET with --checkpoint "
+                f"{resolved}") from None
+        path, artifact = local, str(local)
     criterion = None
     if resolved == "selected":
         criterion = f"selected by {params.get('select_by', '?')}"
     loaded = load_checkpoint_target(path, choice=resolved, criterion=criterion,
-                                    name=f"runs:/{target}/{artifact}")
+                                    name=str(local) if path == local else
+                                    f"runs:/{target}/{artifact}")
     dataset = None
     for entry in run.inputs.dataset_inputs:
         try:
@@ -271,29 +285,43 @@ def policy_target(policy: Any, batch: Any, card: Mapping[str, Any]) -> Target:
 # --- the episodes ----------------------------------------------------------------------------
 
 
-def validation_split(batch: Any, source: RunSource, target: Target) -> tuple[Tensor, Tensor, str]:
-    """(training ordinals, validation ordinals, "recorded" | "recomputed") of `batch`.
+def held_out_episodes(batch: Any, split: str, target: Target, source: RunSource | None
+                      ) -> tuple[Any, Any, str | None, Tensor | None]:
+    """(evaluated episodes, critic-fitting episodes or None, "recorded" | "recomputed" | None,
+    the held-out ids) for `split`.
 
-    The recorded ids (`validation_episodes.json`) when the run has them; else the split that
-    `data.split.split_episodes` draws from the run's val_fraction and seed.
+    "validation": the ids the run recorded (`validation_episodes.json`, from the run or beside
+    the checkpoint file), else those `data.split.split_episodes` draws from the run's
+    val_fraction and seed; the critic is fitted on the other episodes. "all": every episode.
     """
     from offpg_offline.data.split import split_episodes
 
+    if split == "all":
+        return batch, None, None, None
+    if target.kind == "policy":
+        raise ValueError(f"--split validation needs a run or checkpoint that recorded its split, "
+                         f"not policy {target.name}; pass --split all")
     ids = batch.episode_id[batch.episode_start]
-    if source.validation_ids is not None:
-        held_out, how = source.validation_ids, "recorded"
-        missing = held_out[~torch.isin(held_out, ids)]
+    where = f"run {source.run_id}" if source is not None else target.name
+    recorded = source.validation_ids if source is not None else target.validation_ids
+    if recorded is not None:
+        missing = recorded[~torch.isin(recorded, ids)]
         if len(missing):
-            raise ValueError(f"run {source.run_id} held out {len(missing)} episode(s) that are not "
-                             f"in its dataset (e.g. id {int(missing[0])}); was the dataset "
-                             f"changed? pass --dataset to evaluate on all its episodes")
+            raise ValueError(f"{where} held out {len(missing)} episode(s) that are not in the "
+                             f"dataset (e.g. id {int(missing[0])}); is it another dataset? "
+                             f"pass --split all to evaluate on all its episodes")
+        held_out, how = recorded, "recorded"
     else:
-        params = {**target.params, **source.params}
+        params = {**target.params, **(source.params if source is not None else {})}
         _, held_out = split_episodes(ids, float(params.get("val_fraction", 0.2)),
                                      int(params.get("seed", 0)))
         how = "recomputed"
     mask = torch.isin(ids, held_out)
-    return torch.nonzero(~mask)[:, 0], torch.nonzero(mask)[:, 0], how
+    if not bool(mask.any()):
+        raise ValueError(f"{where} has no validation episodes; pass --split all")
+    val_idx, train_idx = torch.nonzero(mask)[:, 0], torch.nonzero(~mask)[:, 0]
+    critic = batch.episodes(train_idx) if len(train_idx) else None
+    return batch.episodes(val_idx), critic, how, held_out
 
 
 def _check_table_covers(policy: Any, batch: Any, names: Sequence[str]) -> None:
@@ -447,25 +475,18 @@ def _evaluate(chosen: Target | None, source: RunSource | None, dataset: Path | N
     params = {**target.params, **(source.params if source else {})}
     gamma = float(params.get("gamma", 0.99)) if config.gamma is None else config.gamma
     propensity = config.propensity or Propensity(params.get("propensity", "logged"))
-    how = None
-    if dataset is None and source is not None:
-        train_idx, val_idx, how = validation_split(batch, source, target)
-        if len(val_idx) == 0:
-            raise ValueError(f"run {source.run_id} has no validation episodes; pass --dataset")
-        held_out, critic_batch, split = batch.episodes(val_idx), batch.episodes(train_idx), \
-            "validation"
-    else:
-        held_out, critic_batch, split = batch, None, "all"
+    split = config.split or ("all" if dataset is not None else "validation")
+    held_out, critic_batch, how, held_ids = held_out_episodes(batch, split, target, source)
     _check_table_covers(target.policy, held_out, config.estimators)
     behavior_logp = behavior_logp_of(held_out, propensity, folder)
     estimates = estimate(target, held_out, behavior_logp, critic_batch, config, gamma, progress)
     result = Evaluation(target, folder, split, held_out.n_episodes, gamma, config.level,
                         config.delta, estimates, run_id=source.run_id if source else None,
                         validation_source=how)
-    if source is not None and source.validation_ids is not None:
+    if held_ids is not None:
         from offpg_offline.data.split import validation_digest
 
-        result.validation_digest = validation_digest(source.validation_ids)
+        result.validation_digest = validation_digest(held_ids)
     if config.online > 0:
         env = config.env or card.get("env_spec")
         result.online, result.online_skipped = rollouts(target, env, config, gamma, progress)
