@@ -65,6 +65,7 @@ def _assert_views_equal(actual: LogView, expected: LogView) -> None:
 def test_chunks_rebuild_the_log_with_whole_episodes(dataset: Path) -> None:
     source = EpisodeSource(dataset, logp_column="logged_logp", batch_rows=4)
     assert len(source.shards) > 2 and source.lengths.tolist() == LENGTHS
+    assert source.episode_ids.tolist() == list(range(len(LENGTHS)))  # make_log's ids
     chunks = list(source.chunks(torch.ones(len(LENGTHS), dtype=torch.bool)))
     assert len(chunks) > len(source.shards)  # several record batches per shard
     for chunk in chunks:  # every chunk begins an episode and ends one (its lengths are whole)
@@ -114,6 +115,8 @@ def test_a_file_that_splits_an_episode_is_merged_with_its_neighbour(dataset: Pat
     assert shards[0].files == (dataset / "a.parquet", dataset / "b.parquet")
     source = EpisodeSource(dataset, logp_column="logged_logp", batch_rows=3)
     assert source.lengths.tolist() == LENGTHS
+    loaded = load_steps(dataset)  # the straddling episode's id is listed once
+    assert torch.equal(source.episode_ids, loaded.episode_id[loaded.episode_start])
     got = concat(list(source.chunks(torch.ones(len(LENGTHS), dtype=torch.bool))))
     _assert_views_equal(got, _view_of(load_steps(dataset)))
 
