@@ -77,6 +77,10 @@ def dataset_info(path: Path, *, verify: bool = False) -> dict[str, Any]:
         "observation_space": card.get("observation_space"),
         "action_space": card.get("action_space"),
         "env_spec": card.get("env_spec"),
+        "decisions": "one per row (bandit)" if card.get("bandit") else "episodes",
+        "categorical": card.get("categorical"),
+        "actions": card.get("actions"),
+        "env_action_space": card.get("env_action_space"),
         "episode_length": summary["episode_length"],
         "episode_return": summary["episode_return"],
         "episodes_terminated": summary["episodes_terminated"],
@@ -119,10 +123,27 @@ def _range_text(values: dict[str, float] | None, digits: int = 3) -> str:
             f"max {values['max']:.{digits}g}")
 
 
+def _foreign_lines(info: dict[str, Any]) -> list[str]:
+    """Lines for what a foreign log's ingest options recorded (bandit, categories, actions)."""
+    lines = []
+    if info.get("decisions", "episodes") != "episodes":
+        lines.append(f"decisions: {info['decisions']}")
+    if info.get("actions"):
+        lines.append(f"actions: {info['actions'].get('semantics')} samples; rollouts clip to "
+                     f"{_space_text(info.get('env_action_space'))}")
+    for column in (info.get("categorical") or {}).get("columns", []):
+        lines.append(f"categorical {column['column']}: {len(column['values'])} values + unknown, "
+                     f"obs[{column['offset']}:{column['offset'] + column['width']}]")
+    return lines
+
+
 def format_info(info: dict[str, Any]) -> str:
     """`dataset_info` as the human-readable text `offpg info` prints."""
     counts = info["counts"]
-    env = info["env_spec"]["id"] if info.get("env_spec") else "none recorded"
+    spec = info.get("env_spec") or {}
+    env = spec.get("id", "none recorded")
+    if spec.get("kwargs"):
+        env += " with " + ", ".join(f"{k}={v!r}" for k, v in spec["kwargs"].items())
     lines = [
         f"{info['name']}  ({info['path']}, schema v{info['schema_version']})",
     ]
@@ -133,6 +154,7 @@ def format_info(info: dict[str, Any]) -> str:
         + ("" if info["card_counts_match"] else "  (the card's counts DIFFER from the data)"),
         f"observation space: {_space_text(info['observation_space'])}",
         f"action space: {_space_text(info['action_space'])}",
+        *_foreign_lines(info),
         f"environment: {env}",
         f"episode length: {_range_text(info['episode_length'], 4)}",
         f"episode return: {_range_text(info['episode_return'], 4)}",

@@ -125,6 +125,9 @@ def test_obd_csv_becomes_one_terminating_decision_per_row(tmp_path) -> None:
     assert card["categorical"]["columns"][0]["kind"] == "integer"
     np.testing.assert_array_equal(obs[:, ITEMS:], np.concatenate(blocks, axis=1))
     assert card["observation_space"]["shape"] == [offset]
+    shown = CliRunner().invoke(app, ["info", str(out)]).output
+    assert "decisions: one per row (bandit)" in shown
+    assert f"categorical position: 3 values + unknown, obs[{ITEMS}:{ITEMS + 4}]" in shown
 
 
 def test_bandit_ids_count_rows_over_all_files(tmp_path) -> None:

@@ -67,6 +67,8 @@ def test_ingest_records_the_full_spec_and_rollouts_build_that_env(tmp_path) -> N
 
     spec = read_card(tmp_path / "ds")["env_spec"]
     assert spec["id"] == "Pendulum-v1"
+    assert "environment: Pendulum-v1 with g=3.0" in CliRunner().invoke(
+        app, ["info", str(tmp_path / "ds")]).output
     assert spec["kwargs"] == {"g": 3.0}
     assert spec["max_episode_steps"] == 200  # gymnasium's registration, completed
     assert spec["entry_point"] == "gymnasium.envs.classic_control.pendulum:PendulumEnv"

@@ -87,6 +87,8 @@ def test_unclipped_actions_are_stored_raw_with_the_env_bounds_kept(tmp_path, log
     assert card["env_action_space"]["low"] == [-2.0] and card["env_action_space"]["high"] == [2.0]
     assert card["actions"]["semantics"] == "unclipped"
     assert card["env_spec"]["id"] == "Pendulum-v1"
+    shown = CliRunner().invoke(app, ["info", str(tmp_path / "ds")]).output
+    assert "actions: unclipped samples; rollouts clip to Box(shape=(1,), [-2.0, 2.0]" in shown
 
     # The target policy evaluates its density on the raw action: an unsquashed Gaussian whose
     # log_prob is N(a; μ, σ²) even where a lies outside [-2, 2] (a tanh-squashed or truncated
