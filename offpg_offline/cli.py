@@ -109,6 +109,9 @@ def _metavar(cls: type, key: str) -> str:
     return name + ("|none" if optional else "")
 
 
+_NONE = object()  # what an option given as `none` parses to, until `config_options` hands it on
+
+
 def _parser(cls: type, key: str) -> Callable[[str], Any]:
     """The option's text parser: `config.parse_value`, the one parser of options, `--grid` and
     TOML text (ranges are checked when the config is built)."""
@@ -117,9 +120,10 @@ def _parser(cls: type, key: str) -> Callable[[str], Any]:
         if not isinstance(text, str):
             return text
         try:
-            return parse_value(cls, key, text)
+            value = parse_value(cls, key, text)
         except ConfigError as err:
             raise typer.BadParameter(err.problem) from None
+        return _NONE if value is None else value  # given as `none`, unlike an absent option
 
     return parse
 
@@ -172,7 +176,8 @@ def config_options(cls: type, *, into: str, panel: str | None = None,
         @functools.wraps(func)
         def command(**kwargs: Any) -> Any:
             values = {f.name: kwargs.pop(f.name, None) for f in fields}
-            given = {key: value for key, value in values.items() if value is not None}
+            given = {key: None if value is _NONE else value
+                     for key, value in values.items() if value is not None}
             return func(**kwargs, **{into: given})
 
         command.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
