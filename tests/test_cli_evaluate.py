@@ -333,3 +333,35 @@ def test_evaluate_a_run_uses_its_recorded_split_and_shipped_checkpoint_in_a_nest
     by_training = CliRunner().invoke(app, ["compare", "e", "--json", "--plot",
                                            str(tmp_path / "c.png")])
     assert json.loads(by_training.stdout)["groups"][0]["metric"]["mean"] == 123.0
+
+
+@pytest.mark.slow
+def test_evaluate_after_a_real_training_run_with_selection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The whole path: `offpg train --select-by wis` records its split and selected checkpoint;
+    # `offpg evaluate RUN` must use exactly what the run recorded.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    from offpg_offline import tracking
+
+    trained = CliRunner().invoke(app, [
+        "train", str(DATASET), "--steps", "20", "--checkpoint-every", "10", "--select-by", "wis",
+        "--val-fraction", "0.25", "--seed", "3", "--eval-episodes", "2", "--bc-steps", "10",
+        "--out-dir", str(tmp_path / "out")])
+    assert trained.exit_code == 0, trained.output
+    client = tracking.open_client(TrackingConfig())
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                "tags.estimator != ''")
+    recorded = json.loads(Path(client.download_artifacts(
+        run.info.run_id, "validation_episodes.json", str(tmp_path / "dl"))).read_text())
+    result = CliRunner().invoke(app, ["evaluate", run.info.run_id, "--estimators", "wis",
+                                      "--n-boot", "20", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["checkpoint"].endswith("checkpoints/selected.pt")
+    assert data["step"] == int(run.data.tags["selected_step"])
+    assert data["n_episodes"] == len(recorded["episode_ids"]) == 100
+    nested = client.get_run(data["evaluation_run_id"]).data.tags
+    assert nested["offpg.validation_digest"] == run.data.tags["offpg.validation_digest"]
+    assert nested["offpg.eval.validation"] == "recorded"
