@@ -45,6 +45,7 @@ import minari
 import numpy as np
 import pyarrow as pa
 
+from offpg_offline.data.card import check_env_spec
 from offpg_offline.data.schema import steps_table
 from offpg_offline.data.spaces import flatten_observations, flatten_space, space_to_json
 from offpg_offline.data.store import SourcedTable, json_safe, write_dataset
@@ -126,6 +127,7 @@ def _download_failure(dataset_id: str, err: Exception) -> str:
         chain.append(cause)
         cause = cause.__cause__ or cause.__context__
     first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    first_line = first_line.split(". ")[0].rstrip(".")  # one sentence, inside ours
     if isinstance(err, ImportError):
         return (f"Minari dataset {dataset_id} cannot be downloaded: huggingface_hub is not "
                 f"installed (pip install 'minari[hf]').")
@@ -561,6 +563,7 @@ def ingest_minari(
             "estimated_logp": None,
         },
     }
+    check_env_spec(card["env_spec"], source=f"Minari dataset {dataset_id} metadata")
     written = write_dataset(out, tables(), card=card, overwrite=overwrite, progress=progress)
     if ended_without_flag[0]:
         warnings.warn(f"{source_name}: {ended_without_flag[0]} episode(s) ended with neither "
