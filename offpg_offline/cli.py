@@ -630,7 +630,7 @@ def evaluate(
     if as_json:
         import json
 
-        typer.echo(json.dumps(result.as_json(), indent=2, allow_nan=True))
+        typer.echo(json.dumps(result.as_json(), indent=2, allow_nan=False))
         return
     typer.echo(show_evaluation(result))
 

@@ -6,11 +6,12 @@ Flow (`evaluate`):
    array). For a run or folder, `EvaluateConfig.checkpoint` picks the file: `shipped` (default:
    `selected.pt` when the run selected a checkpoint by OPE, else `final.pt`), `final`,
    `selected` or `step-N`; the result says which (step, criterion).
-2. The episodes. With `dataset` given, all of its episodes (split "all"). Otherwise the run's
-   dataset and the validation episodes the run recorded (`validation_episodes.json`, contract
-   §2: episode ids, checked against their digest); a run without a record falls back to
-   `data.split.split_episodes(ids, val_fraction, seed)` with the run's params, the function
-   training uses. The critic (dr, wdr, fqe) is then fitted on the other (training) episodes.
+2. The episodes (`held_out_episodes`). Split "validation" (the default without `dataset`):
+   the run's dataset and the episode ids the run recorded (`validation_episodes.json`, contract
+   §2, checked against its digest; from the run's artifacts, or beside a checkpoint file); a
+   run without a record falls back to `data.split.split_episodes(ids, val_fraction, seed)` with
+   the run's params, the function training uses. The critic (dr, wdr, fqe) is then fitted on
+   the other (training) episodes. Split "all" (the default with `dataset`): every episode.
 3. OPE: `ope.evaluate_offline` with γ (default: the run's), in two stages (the importance-
    sampling family, then the critic estimators), each announced to `progress`.
 4. Online (optional): N seeded episodes, stochastic and greedy, in the env the dataset card
@@ -118,7 +119,11 @@ class Evaluation:
 
     def as_json(self) -> dict[str, Any]:
         """The `--json` object: {"checkpoint" or "policy", "dataset", "split", "gamma", "ope",
-        "online", ...}; every OPE value is in units of the discounted return with `gamma`."""
+        "online", ...}; every OPE value is in units of the discounted return with `gamma`.
+        Non-finite numbers become null (strict JSON)."""
+        return _finite(self._as_dict())
+
+    def _as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {self.target.kind: self.target.name}
         if self.target.kind == "checkpoint":
             out.update({"checkpoint_choice": self.target.choice, "step": self.target.step,
@@ -142,6 +147,17 @@ class Evaluation:
         out["run_id"] = self.run_id
         out["evaluation_run_id"] = self.evaluation_run_id
         return out
+
+
+def _finite(value: Any) -> Any:
+    """`value` with NaN/±inf floats replaced by None, recursively (dicts and lists)."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 # --- the target ------------------------------------------------------------------------------
