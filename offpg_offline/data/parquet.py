@@ -45,6 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from offpg_offline.data import schema as sc
+from offpg_offline.data.card import check_env_spec
 from offpg_offline.data.categorical import Categories, vocabulary
 from offpg_offline.data.envspec import build_env, env_spec
 from offpg_offline.data.spaces import flatten_space, space_from_json, space_to_json
@@ -870,10 +871,12 @@ def _categories(files: Sequence[Path], plans: Sequence[_Plan],
     if categories_from is not None:
         card = read_card(Path(categories_from))
         return Categories.from_card(card.get("categorical"), columns, 0, str(categories_from))
+    # One scan per file for all columns (a CSV is parsed whole on every scan).
+    distinct = [_scan(f).select([pl.col(c).unique().implode() for c in columns]).collect()
+                for f in files]
     vocabularies = []
     for column in columns:
-        parts = [_scan(f).select(pl.col(column)).unique().collect().get_column(column)
-                 for f in files]
+        parts = [frame.get_column(column).explode() for frame in distinct]
         if len({part.dtype for part in parts}) > 1:
             parts = [part.cast(pl.String) for part in parts]
         vocabularies.append(vocabulary(column, pl.concat(parts)))
@@ -941,6 +944,7 @@ def ingest_parquet(
         raise ValueError("--env-kwargs needs --env ID (the environment they configure).")
     spec = None if env_id is None else env_spec(env_id, env_kwargs)
     if spec is not None:
+        check_env_spec(spec, source="--env")  # before gymnasium imports anything it names
         env_obs, env_action, reason = _env_spaces(spec)
         if reason is not None:
             warnings.append(f"environment {spec['id']} could not be built here ({reason}); its "
