@@ -130,15 +130,12 @@ def _check_sqlite_file(path: Path, shown: str) -> None:
 def _check_folder_store(folder: Path, shown: str) -> None:
     full = folder if folder.is_absolute() else Path.cwd() / folder
     existing = _first_existing(full)
-    if existing == full and full.is_dir():
-        return
-    if existing == full or full.suffix in (".db", ".sqlite", ".sqlite3"):
+    if existing != full and not existing.is_dir():
+        raise ValueError(f"tracking URI {shown}: {_shown(str(existing))} is a file, so no "
+                         "store can be created under it")
+    if not full.is_dir() and (existing == full or full.suffix in (".db", ".sqlite")):
         raise ValueError(f"tracking URI {shown} is a file path, not a store; for a sqlite "
                          f"database use sqlite:///{_shown(str(folder))}")
-    if existing.is_dir():
-        return
-    raise ValueError(f"tracking URI {shown}: {_shown(str(existing))} is a file, so no store "
-                     "can be created under it")
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
