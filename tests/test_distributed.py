@@ -241,7 +241,10 @@ def test_offpg_train_nproc_launches_torchrun_and_tracks_on_rank_0(
         ],
     )
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["final.pt"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [  # rank 0's files only
+        "final.pt",
+        "validation_episodes.json",
+    ]
     runs = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").search_runs(
         [
             e.experiment_id
