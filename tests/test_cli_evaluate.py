@@ -365,3 +365,40 @@ def test_evaluate_after_a_real_training_run_with_selection(
     nested = client.get_run(data["evaluation_run_id"]).data.tags
     assert nested["offpg.validation_digest"] == run.data.tags["offpg.validation_digest"]
     assert nested["offpg.eval.validation"] == "recorded"
+
+
+def test_every_option_reaches_the_computation(tmp_path: Path) -> None:
+    # Non-default --level, --n-boot, --seed, --delta, --fqe-iterations: the printed numbers are
+    # those of evaluate_offline called with exactly these values, and differ from the defaults'.
+    path, policy = _policy_file(tmp_path, TrainConfig(gamma=0.9))
+    base = ["evaluate", str(path), "--dataset", str(DATASET), "--json"]
+    options = ["--estimators", "is,fqe", "--level", "0.5", "--n-boot", "30", "--seed", "5",
+               "--delta", "0.3", "--fqe-iterations", "3"]
+    result = CliRunner().invoke(app, [*base, *options])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["level"] == 0.5
+    batch = load_steps(DATASET)
+    expected = ope.evaluate_offline(policy, batch, batch.logged_logp, gamma=0.9, n_boot=30,
+                                    seed=5, level=0.5, delta=0.3, estimators=("is",))[0]
+    fqe = ope.evaluate_offline(policy, batch, batch.logged_logp, gamma=0.9, n_boot=30, seed=5,
+                               level=0.5, fqe=ope.FQEConfig(iterations=3),
+                               estimators=("fqe",))[0]
+    got = data["ope"]["is"]
+    assert (got["ci_low"], got["ci_high"]) == pytest.approx(
+        (expected.ci_low, expected.ci_high), rel=1e-12)
+    assert got["lower_bound"] == pytest.approx(expected.lower_bound, rel=1e-12)
+    assert data["ope"]["fqe"]["value"] == pytest.approx(fqe.value, rel=1e-6)
+    default = ope.evaluate_offline(policy, batch, batch.logged_logp, gamma=0.9, n_boot=30,
+                                   estimators=("is",))[0]
+    assert (default.ci_low, default.lower_bound) != pytest.approx(
+        (expected.ci_low, expected.lower_bound), rel=1e-3)  # the options change the numbers
+
+    # --propensity picks the column (this log has no estimated_logp), --env the environment.
+    estimated = CliRunner().invoke(app, [*base, "--estimators", "is", "--propensity",
+                                         "estimated"])
+    assert estimated.exit_code == 2 and "estimated_logp" in estimated.output
+    other_env = CliRunner().invoke(app, [*base, "--estimators", "is", "--n-boot", "5",
+                                         "--online", "1", "--env", "NoSuchEnv-v0"])
+    assert other_env.exit_code == 0, other_env.output
+    assert "NoSuchEnv-v0" in json.loads(other_env.stdout)["online"]["skipped"]
