@@ -402,3 +402,24 @@ def test_every_option_reaches_the_computation(tmp_path: Path) -> None:
                                          "--online", "1", "--env", "NoSuchEnv-v0"])
     assert other_env.exit_code == 0, other_env.output
     assert "NoSuchEnv-v0" in json.loads(other_env.stdout)["online"]["skipped"]
+
+
+def test_a_table_gets_the_critic_estimators_only_where_it_covers_the_next_states() -> None:
+    from offpg_offline.jobs.evaluate import evaluate
+
+    # cartpole-weak: every episode terminates, so no next-state value is ever needed.
+    probs = _behavior_table(_columns())
+    done = evaluate(dataset=DATASET, policy=probs, config=EvaluateConfig(
+        estimators=("wis", "fqe"), fqe_iterations=2, n_boot=5))
+    assert [e.name for e in done.estimates] == ["wis", "fqe"]
+    # cartpole-eps: 24 episodes are cut at the time limit; π at their last next state is unknown.
+    eps = DATASET.parent / "cartpole-eps"
+    table = pq.read_table(next(eps.glob("*.parquet")), columns=["action", "logged_logp",
+                                                                 "truncated"])
+    cols = {"action": table.column("action").to_numpy(),
+            "logged_logp": table.column("logged_logp").to_numpy().astype(np.float64)}
+    with pytest.raises(ValueError, match=r"next state of 24 non-terminal row\(s\)"):
+        evaluate(dataset=eps, policy=_behavior_table(cols), config=EvaluateConfig(
+            estimators=("wis", "fqe"), fqe_iterations=2, n_boot=5))
+    evaluate(dataset=eps, policy=_behavior_table(cols), config=EvaluateConfig(
+        estimators=("wis",), n_boot=5))  # the IS family needs π only on the logged states
