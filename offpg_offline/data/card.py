@@ -11,7 +11,8 @@ naming the card file and the key (`counts.steps`, `files[0].name`, `env_spec.ent
   is outside the folder) or that name something other than a regular file (a FIFO would block
   the reader forever);
 - an environment that would make gymnasium import code named by the card: an id of the form
-  `module:Name` or an `entry_point` other than the one gymnasium registered for that id —
+  `module:Name`, or an `entry_point` other than the one gymnasium registered for that id (for
+  an id not registered here: other than an `...Env` class of a package in `ENV_PACKAGES`) —
   unless the caller passes `allow_env_entry_point=True` (the user's `--allow-env-entry-point`).
 
 What the card says about the Parquet parts (byte sizes, row counts, observation width and action
@@ -40,6 +41,12 @@ _MAX_WIDTH = 2**31 - 1  # the widest vector a fixed_size_list can hold
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # gymnasium's id grammar without its `module:` prefix (which makes gymnasium import a module).
 _ENV_ID = re.compile(r"(?:[\w.-]+/)?[\w.-]+?(?:-v\d+)?")
+# Entry points trusted without the user's flag when the id is not registered here (a Minari
+# dataset of gymnasium_robotics, say): an environment class (`...Env`) of an environment package.
+# `os:system` or `subprocess:call` (called with the card's kwargs) never match.
+ENV_PACKAGES = ("gymnasium", "gymnasium_robotics", "minigrid", "miniworld", "ale_py", "shimmy",
+                "mo_gymnasium", "highway_env", "metaworld", "panda_gym")
+_ENV_CLASS = re.compile(r"(?P<module>[A-Za-z_][\w.]*):[A-Z]\w*Env")
 
 
 def one_line(text: str) -> str:
@@ -247,7 +254,7 @@ def _env_spec(where: _Where, value: Any, allow_entry_point: bool) -> None:
         return
     spec = _object(where, value, "env_spec")
     env_id = _string(where, spec.get("id"), "env_spec.id")
-    trust = " (pass --allow-env-entry-point to import it)"
+    trust = "; such code is imported only with --allow-env-entry-point"
     if not _ENV_ID.fullmatch(env_id):
         if ":" in env_id and allow_entry_point:
             return
@@ -265,11 +272,19 @@ def _env_spec(where: _Where, value: Any, allow_entry_point: bool) -> None:
     registered = gymnasium.registry.get(env_id)
     if registered is not None and entry_point == registered.entry_point:
         return
+    if registered is None and _is_env_class(entry_point):
+        return
     where_from = ("is not registered here" if registered is None
                   else f"is registered with {registered.entry_point!r}")
     raise where.fail("env_spec.entry_point",
                      f"names the code {one_line(repr(entry_point))} and the id {env_id!r} "
-                     f"{where_from}; a card's entry point is not imported" + trust)
+                     f"{where_from}" + trust)
+
+
+def _is_env_class(entry_point: Any) -> bool:
+    """An environment class of a known environment package (see `ENV_PACKAGES`)."""
+    found = _ENV_CLASS.fullmatch(entry_point) if isinstance(entry_point, str) else None
+    return bool(found) and found["module"].split(".")[0] in ENV_PACKAGES
 
 
 def validate_card(raw: Any, *, source: Path, allow_env_entry_point: bool = False

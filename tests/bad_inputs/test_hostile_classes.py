@@ -236,10 +236,24 @@ def card_lie_cases() -> list[Case]:
                               ("_dataset.json", _key_word(key, value))))
     for key in card_model.REQUIRED_KEYS:
         cases.append(Case(f"card-missing-{key}", _lie(key, delete=True), ("_dataset.json", key)))
+    for i, spec in enumerate(['{"id": "Mine-v0", "entry_point": "os:system"}',
+                              '{"id": "CartPole-v1", "entry_point": "subprocess:call"}',
+                              "evil_module:Env-v0"]):
+        cases.append(Case(f"card-ingest-env-code{i}", _ingest_env(spec), ("--env", "env_spec")))
     for i, top in enumerate([[], "card", 3, None, [{"schema_version": 1}]]):
         cases.append(Case(f"card-not-an-object{i}", _whole_card(top),
                           ("_dataset.json", "JSON object")))
     return cases
+
+
+def _ingest_env(spec: str) -> Callable[[Path], list[str]]:
+    """`ingest --env` naming code: refused before gymnasium imports it and before writing."""
+
+    def build(tmp: Path) -> list[str]:
+        _log_frame().write_parquet(tmp / "log.parquet")
+        return [*_ingest("log.parquet"), "--env", spec]
+
+    return build
 
 
 def _whole_card(value: Any) -> Callable[[Path], list[str]]:
@@ -606,6 +620,28 @@ def test_an_entry_point_is_accepted_only_with_the_users_flag(tmp_path: Path) -> 
     assert card_model.validate_card(card, source=card_path(ds), allow_env_entry_point=True)
 
 
+@pytest.mark.parametrize("entry_point, trusted", [
+    ("gymnasium_robotics.envs.adroit_hand.adroit_door:AdroitHandDoorEnv", True),
+    ("minigrid.envs.doorkey:DoorKeyEnv", True),
+    ("subprocess:call", False),
+    ("os:system", False),
+    ("gymnasium_robotics.utils.mujoco_utils:get_site_xpos", False),
+    ("evil_gymnasium.envs:CartPoleEnv", False),
+])
+def test_an_unregistered_id_keeps_only_an_env_class_of_an_env_package(
+    entry_point: str, trusted: bool, tmp_path: Path
+) -> None:
+    """A Minari dataset of an env whose package is not installed here stays readable; code
+    outside environment packages (called with the card's kwargs) is refused."""
+    spec = {"id": "NotRegisteredHere-v1", "entry_point": entry_point}
+    if trusted:
+        card_model.check_env_spec(spec, source=tmp_path / "card")
+    else:
+        with pytest.raises(DataError, match=r"env_spec\.entry_point"):
+            card_model.check_env_spec(spec, source=tmp_path / "card")
+    card_model.check_env_spec(spec, source=tmp_path / "card", allow_entry_point=True)
+
+
 # --- property: any JSON value at any key is refused in one sentence or accepted, never a crash ---
 
 JSON = st.recursive(
@@ -644,7 +680,7 @@ def test_any_value_at_any_key_is_refused_by_name_or_accepted(data: st.DataObject
     try:
         card_model.verify_parts(ds, accepted)
     except DataError as err:
-        assert str(err).isprintable() and "part-00000.parquet" in str(err)
+        assert str(err).isprintable() and str(ds) in str(err), str(err)
 
 
 def test_non_finite_loaded_steps_are_refused_by_column(tmp_path: Path) -> None:
