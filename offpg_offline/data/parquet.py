@@ -251,6 +251,14 @@ def _is_list(dtype: pl.DataType) -> bool:
     return isinstance(dtype, pl.List | pl.Array)
 
 
+def _numbers(dtype: pl.DataType) -> bool:
+    """A number, or a flat list of numbers / booleans (not strings, not lists of lists)."""
+    if not _is_list(dtype):
+        return dtype.is_numeric()
+    inner = dtype.inner  # type: ignore[attr-defined]
+    return bool(inner.is_numeric() or inner == pl.Boolean)
+
+
 def _resolve(schema: pl.Schema, mapping: ColumnMapping, file: str,
              action_space: Any, *, bandit: bool = False) -> _Plan:
     def column(key: str, required: bool = False) -> str | None:
@@ -288,7 +296,7 @@ def _resolve(schema: pl.Schema, mapping: ColumnMapping, file: str,
                                    f"{key}=COLUMN or --{key.replace('_', '-')}-cols PATTERN.",
                                    source=file)
             return None
-        if not _is_list(schema[name]) and not schema[name].is_numeric():
+        if not _numbers(schema[name]):
             raise sc.DataError.at(file, name, None, f"has type {schema[name]}, but {key} must be "
                                                     f"a list of numbers or a number")
         return _Vector((name,), is_list=_is_list(schema[name]))
@@ -307,7 +315,7 @@ def _resolve(schema: pl.Schema, mapping: ColumnMapping, file: str,
         name = column("action", required=True)
         assert name is not None
         dtype = schema[name]
-        if not _is_list(dtype) and not dtype.is_numeric():
+        if not _numbers(dtype):
             raise sc.DataError.at(file, name, None, f"has type {dtype}, but actions must be "
                                                     f"integers, floats or lists of floats")
         action = _Vector((name,), is_list=_is_list(dtype))
@@ -532,6 +540,7 @@ class _Converter:
         }
         if plan.bandit:
             _one_decision_per_row(rows, self.row_offset + first_row)
+        _check_next_obs_width(rows, plan, first_row)
         return rows
 
     def _obs(self, frame: pl.DataFrame, first_row: int) -> np.ndarray:
@@ -557,6 +566,16 @@ def _one_decision_per_row(rows: dict[str, Any], first_row: int) -> None:
     rows["terminated"] = np.ones(n, dtype=bool)
     rows["truncated"] = np.zeros(n, dtype=bool)
     rows["done"] = np.zeros(n, dtype=bool)
+
+
+def _check_next_obs_width(rows: dict[str, Any], plan: _Plan, first_row: int) -> None:
+    """next_obs must have obs's width (before: a pyarrow cast error deep in the writer)."""
+    next_obs = rows["next_obs"]
+    if next_obs is not None and next_obs.shape[1] != rows["obs"].shape[1]:
+        assert plan.next_obs is not None
+        raise sc.DataError.at(plan.file, plan.next_obs.label, first_row,
+                              f"inconsistent next_obs dimension: {next_obs.shape[1]} values "
+                              f"where obs has {rows['obs'].shape[1]}")
 
 
 # --- assembling whole episodes ------------------------------------------------------------------

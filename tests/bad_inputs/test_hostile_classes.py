@@ -492,6 +492,42 @@ def _duplicated_header(column: str, suffix: str) -> Callable[[Path], list[str]]:
     return build
 
 
+# Arrow types a foreign list column may have whose values are not a flat vector of numbers.
+LIST_TYPES: dict[str, tuple[pa.DataType, list[Any]]] = {
+    "list-of-strings": (pa.list_(pa.string()), ["a", "b"]),
+    "large-list-of-lists": (pa.large_list(pa.list_(pa.float64())), [[1.0], [2.0]]),
+    "fixed-size-list-of-strings": (pa.list_(pa.string(), 2), ["a", "b"]),
+    "struct": (pa.struct([("a", pa.float64())]), {"a": 1.0}),
+}
+
+
+def _vector_column(key: str, kind: str) -> Callable[[Path], list[str]]:
+    """`key` (obs, next_obs or action) as a list column of a foreign type."""
+
+    def build(tmp: Path) -> list[str]:
+        frame = _log_frame()
+        columns = {name: pa.array(frame[name].to_numpy()) for name in
+                   ("episode", "action", "reward", "done")}
+        columns["obs"] = pa.array([[1.0, 2.0]] * len(frame))
+        dtype, value = LIST_TYPES[kind]
+        columns[key] = pa.array([value] * len(frame), type=dtype)
+        pq.write_table(pa.table(columns), tmp / "log.parquet")
+        return ["ingest", "parquet", "log.parquet", "--out", "out", "--map", "episode_id=episode",
+                "--map", "done=done", "--quiet"]
+
+    return build
+
+
+def _next_obs_width(tmp: Path) -> list[str]:
+    frame = _log_frame()
+    pq.write_table(pa.table({"episode": frame["episode"].to_numpy(), "obs": [[1.0, 2.0]] * 9,
+                             "next_obs": [[1.0, 2.0, 3.0]] * 9, "action": np.arange(9) % 2,
+                             "reward": np.ones(9), "done": frame["done"].to_numpy()}),
+                   tmp / "log.parquet")
+    return ["ingest", "parquet", "log.parquet", "--out", "out", "--map", "episode_id=episode",
+            "--map", "done=done", "--quiet"]
+
+
 def foreign_value_cases() -> list[Case]:
     cases = [Case(f"foreign-uint64-{column}-{value}", _unsigned(column, value),
                   ("log.parquet", f"'{column}'", "row 5", str(value)))
@@ -499,6 +535,11 @@ def foreign_value_cases() -> list[Case]:
     cases += [Case(f"foreign-duplicated-header-{column}{suffix}",
                    _duplicated_header(column, suffix), (f"log{suffix}", f"'{column}'", "twice"))
               for column in _log_frame().columns for suffix in (".csv", ".tsv")]
+    cases += [Case(f"foreign-{key}-{kind}", _vector_column(key, kind),
+                   ("log.parquet", f"'{key}'", "has type"))
+              for key in ("obs", "next_obs", "action") for kind in LIST_TYPES]
+    cases.append(Case("foreign-next-obs-width", _next_obs_width,
+                      ("log.parquet", "'next_obs'", "3 values where obs has 2")))
     return cases
 
 
