@@ -19,6 +19,7 @@ from offpg_offline.cli_options import OneLineErrors, config_options, print_error
 from offpg_offline.config import (
     ConfigError,
     EstimatorName,
+    FitConfig,
     Propensity,
     RunConfig,
     TrackingConfig,
@@ -353,69 +354,32 @@ def _resume(dataset: Path, run_id: str, out_dir: Path | None, given: list[str]) 
 
 
 @behavior_app.command("fit")
+@config_options(FitConfig, into="fit_options", panel="Behavior model")
 def behavior_fit(
     dataset: Annotated[Path, typer.Argument(help="Dataset folder (offpg ingest output).")],
     out: Annotated[Path | None, typer.Option(help="New dataset folder to write.")] = None,
     in_place: Annotated[bool, typer.Option(help="Replace DATASET atomically instead.")] = False,
-    model: Annotated[str, typer.Option(
-        help="auto, categorical, gaussian, mixture, or a tanh-/truncated- variant.")] = "auto",
-    components: Annotated[int, typer.Option(help="K Gaussians of a mixture.")] = 3,
-    folds: Annotated[int, typer.Option(help="Cross-fitting folds by episode (1: in-sample).")] = 5,
-    hidden: Annotated[str, typer.Option(help="MLP hidden sizes, comma-separated.")] = "64,64",
-    steps: Annotated[int, typer.Option(help="Maximum gradient steps per model.")] = 4000,
-    epochs: Annotated[float | None, typer.Option(
-        help="Maximum passes over the training rows per model (overrides --steps).")] = None,
-    floor: Annotated[float, typer.Option(
-        help="Minimum π̂_β(a|s): probability (discrete) or density (continuous).")] = 1e-3,
-    seed: Annotated[int, typer.Option(help="Seed of folds, initialisation and batches.")] = 0,
     track: Annotated[bool, typer.Option(help="Record the fit as an MLflow run.")] = True,
     experiment: Annotated[str | None, typer.Option(help="MLflow experiment name.")] = None,
+    *,
+    fit_options: dict[str, Any],
 ) -> None:
     """Estimate π_β on DATASET (cross-fitted) and write `estimated_logp` into a new version."""
     if (out is None) == (not in_place):
         fail("pass exactly one of --out NEW_DATASET or --in-place")
     try:
-        sizes = tuple(int(h) for h in hidden.split(","))
-    except ValueError:
-        fail(f"--hidden must be comma-separated integers, got {hidden!r}")
+        config = FitConfig(**fit_options)
+    except ConfigError as err:
+        fail(err.as_option())
     if not _has_card(dataset):
         fail(f"{dataset} is not a dataset folder (no _dataset.json); make one with `offpg ingest`")
-
-    from offpg_offline.behavior.fit import FitConfig, FitReport, fit_behavior
-    from offpg_offline.config import TrackingConfig
-    from offpg_offline.data.store import read_card
-
     try:
-        config = FitConfig(model=model, components=components, folds=folds, hidden=sizes,
-                           steps=steps, epochs=epochs, floor=floor, seed=seed)
-        card = read_card(dataset)
+        run_id, report = record.fit_run(dataset, config, out=out, in_place=in_place,
+                                        experiment=experiment, track=track, progress=typer.echo)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
-
-    def job(run_id: str | None) -> FitReport:
-        return fit_behavior(dataset, out=out, in_place=in_place, config=config,
-                            mlflow_run_id=run_id, progress=typer.echo)
-
-    try:
-        if not track:
-            report = job(None)
-        else:
-            from offpg_offline import tracking
-
-            with tracking.MlflowTracker.start(
-                TrackingConfig(experiment=experiment),
-                experiment=str(card.get("name", dataset.name)),
-                run_name=f"behavior-fit-{model}-k{folds}-s{seed}", tags={"offpg.job": "behavior"},
-            ) as tracker:
-                tracker.log_params(config.as_params())
-                tracker.log_dataset(dataset, card, context="behavior")
-                report = job(tracker.run_id)
-                tracker.log_metrics(report.metrics, step=0)
-                for path in report.artifacts.values():
-                    tracker.log_artifact(path, "behavior")
-            typer.echo(f"MLflow run {tracker.run_id}")
-    except (ValueError, FileNotFoundError) as err:
-        fail(str(err))
+    if run_id is not None:
+        typer.echo(f"MLflow run {run_id}")
     typer.echo(report.summary())
 
 

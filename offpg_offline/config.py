@@ -210,6 +210,62 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
+BEHAVIOR_MODELS = (
+    "auto", "categorical", "gaussian", "tanh-gaussian", "truncated-gaussian", "mixture",
+    "tanh-mixture", "truncated-mixture",
+)  # = behavior.models.MODEL_KINDS (tested)
+
+
+@dataclass(frozen=True, slots=True)
+class FitConfig:
+    """How `offpg behavior fit` estimates π_β. Every field is recorded in the card and the run."""
+
+    model: str = option(
+        "auto",
+        "Behavior model; auto: categorical for discrete actions, truncated-mixture for bounded "
+        "Box actions, mixture for unbounded ones.",
+        choices=BEHAVIOR_MODELS,
+    )
+    components: int = option(3, "K Gaussians of the mixture models.", gt=0, le=1024)
+    hidden: tuple[int, ...] = option(
+        (64, 64), "MLP hidden sizes, e.g. 64,64 (each at most 65536).", gt=0, le=65536
+    )
+    activation: str = option(
+        "auto", "MLP activation: relu, tanh, or auto (tanh for discrete actions, relu for "
+        "continuous ones).", choices=("auto", "relu", "tanh"),
+    )
+    folds: int = option(5, "Cross-fitting folds by episode (1: in-sample).", gt=0)
+    steps: int = option(4000, "Maximum gradient steps per model.", gt=0)
+    epochs: float | None = option(
+        None, "Maximum passes over each model's training rows (overrides steps).", gt=0.0
+    )
+    batch_size: int = option(512, "Rows per gradient step.", gt=0, lt=2**31)
+    lr: float = option(3e-3, "Adam learning rate.", gt=0.0)
+    eval_every: int = option(100, "Steps between early-stopping checks.", gt=0)
+    patience: int = option(5, "Checks without improvement before stopping.", gt=0)
+    stop_fraction: float = option(
+        0.1, "Fraction of each model's episodes held out for stopping.", gt=0.0, lt=1.0
+    )
+    floor: float = option(
+        1e-3, "Minimum π̂_β(a|s): a probability (discrete) or density (continuous).", gt=0.0
+    )
+    seed: int = option(0, "Seed of the folds, initialisation and batches.", ge=0)
+    ece_bins: int = option(10, "Bins of the calibration error.", gt=0, le=10**6)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def as_params(self) -> dict[str, str | int | float | bool]:
+        """Fields as MLflow params (`behavior.` prefix; tuples comma-joined, None as 'none')."""
+        params: dict[str, str | int | float | bool] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = ",".join(str(v) for v in value)
+            params[f"behavior.{f.name}"] = "none" if value is None else value
+        return params
+
+
 C = TypeVar("C")
 
 

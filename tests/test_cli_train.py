@@ -228,3 +228,21 @@ def test_every_option_reaches_the_recorded_config(workdir: Path) -> None:
             text), key
     for key, on in flags.items():
         assert getattr(recorded, key) is on, key
+
+
+def test_behavior_fit_options_are_generated_from_fit_config() -> None:
+    from offpg_offline.config import FitConfig
+
+    command = typer.main.get_command(app).commands["behavior"].commands["fit"]  # type: ignore
+    params = {opt: param for param in command.params for opt in param.opts}
+    for f in dataclasses.fields(FitConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert params[flag].help == f.metadata["help"], flag
+
+
+def test_behavior_fit_option_errors_name_the_option(workdir: Path) -> None:
+    result = CliRunner().invoke(app, ["behavior", "fit", str(DATASETS / "cartpole-weak"),
+                                      "--out", "x", "--floor", "nan", "--no-track"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: --floor must be a finite number, got nan"
+    assert not (workdir / "x").exists()

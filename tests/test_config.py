@@ -193,3 +193,31 @@ def test_output_folder_checks(tmp_path: Path) -> None:
     check_output_folder(tmp_path / "new" / "nested", "--out-dir")  # creatable: fine
     check_output_folder(tmp_path, "--out-dir")
     assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+def test_behavior_models_listed_in_the_config_are_the_models_package_kinds() -> None:
+    from offpg_offline.behavior.fit import FitConfig as ReExported
+    from offpg_offline.behavior.models import MODEL_KINDS
+    from offpg_offline.config import BEHAVIOR_MODELS, FitConfig
+
+    assert BEHAVIOR_MODELS == MODEL_KINDS
+    assert ReExported is FitConfig
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("folds", 0, "folds must be positive, got 0"),
+        ("model", "forest", "model must be one of auto, categorical"),
+        ("floor", math.nan, "floor must be a finite number, got nan"),
+        ("stop_fraction", 1.0, "stop_fraction must lie in (0, 1), got 1.0"),
+        ("hidden", (2**20,), "hidden sizes must lie in (0, 65536]"),
+        ("activation", "gelu", "activation must be one of auto, relu, tanh, got 'gelu'"),
+    ],
+)
+def test_fit_config_uses_the_same_validation(key: str, value: object, words: str) -> None:
+    from offpg_offline.config import FitConfig
+
+    with pytest.raises(ConfigError, match=None) as caught:
+        FitConfig(**{key: value})
+    assert words in str(caught.value)

@@ -34,7 +34,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +43,11 @@ import torch
 from torch import Tensor
 
 from offpg_offline.behavior.models import (
-    MODEL_KINDS,
     BehaviorModel,
     make_behavior_model,
     resolve_kind,
 )
+from offpg_offline.config import FitConfig
 from offpg_offline.data.batch import StepBatch, batch_from_table
 from offpg_offline.data.schema import DataError, steps_table
 from offpg_offline.data.spaces import space_from_json
@@ -63,92 +63,6 @@ from offpg_offline.policies import CategoricalPolicy, checkpoint, fit_mle, mean_
 NEAR_DETERMINISTIC_PROB = 0.99  # π̂_β(a|s) above this counts as near-deterministic
 NEAR_DETERMINISTIC_WARN = 0.25  # warn when at least this fraction of rows is near-deterministic
 _CHUNK_ROWS = 65_536
-
-
-@dataclass(frozen=True, slots=True)
-class FitConfig:
-    """How `offpg behavior fit` estimates π_β. Every field is recorded in the card and the run."""
-
-    model: str = field(
-        default="auto",
-        metadata={
-            "help": "One of behavior.models.MODEL_KINDS; auto: categorical for discrete actions, "
-            "truncated-mixture for bounded Box actions, mixture for unbounded ones."
-        },
-    )
-    components: int = field(default=3, metadata={"help": "K Gaussians of the mixture models."})
-    hidden: tuple[int, ...] = field(default=(64, 64), metadata={"help": "MLP hidden sizes."})
-    activation: str = field(
-        default="auto",
-        metadata={
-            "help": "MLP activation: relu, tanh, or auto (tanh for discrete actions, relu for "
-            "continuous ones)."
-        },
-    )
-    folds: int = field(
-        default=5, metadata={"help": "Cross-fitting folds by episode (1: in-sample)."}
-    )
-    steps: int = field(default=4000, metadata={"help": "Maximum gradient steps per model."})
-    epochs: float | None = field(
-        default=None,
-        metadata={"help": "Maximum passes over each model's training rows (overrides steps)."},
-    )
-    batch_size: int = field(default=512, metadata={"help": "Rows per gradient step."})
-    lr: float = field(default=3e-3, metadata={"help": "Adam learning rate."})
-    eval_every: int = field(default=100, metadata={"help": "Steps between early-stopping checks."})
-    patience: int = field(
-        default=5, metadata={"help": "Checks without improvement before stopping."}
-    )
-    stop_fraction: float = field(
-        default=0.1, metadata={"help": "Fraction of each model's episodes held out for stopping."}
-    )
-    floor: float = field(
-        default=1e-3,
-        metadata={"help": "Minimum π̂_β(a|s): a probability (discrete) or density (continuous)."},
-    )
-    seed: int = field(
-        default=0, metadata={"help": "Seed of the folds, initialisation and batches."}
-    )
-    ece_bins: int = field(default=10, metadata={"help": "Bins of the calibration error."})
-
-    def __post_init__(self) -> None:
-        if self.model not in MODEL_KINDS:
-            raise ValueError(
-                f"unknown behavior model {self.model!r}: expected one of {', '.join(MODEL_KINDS)}"
-            )
-        for name in (
-            "components",
-            "folds",
-            "steps",
-            "batch_size",
-            "eval_every",
-            "patience",
-            "ece_bins",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.epochs is not None and not self.epochs > 0:
-            raise ValueError(f"epochs must be positive, got {self.epochs}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if not 0.0 < self.stop_fraction < 1.0:
-            raise ValueError(f"stop_fraction must lie in (0, 1), got {self.stop_fraction}")
-        if not 0.0 < self.floor < math.inf:
-            raise ValueError(f"floor must be a positive number, got {self.floor}")
-        if self.activation not in ("auto", "relu", "tanh"):
-            raise ValueError(f"activation must be auto, relu or tanh, got {self.activation!r}")
-        if not self.hidden or any(h <= 0 for h in self.hidden):
-            raise ValueError(f"hidden must be positive sizes, got {self.hidden}")
-
-    def as_params(self) -> dict[str, str | int | float | bool]:
-        """Fields as MLflow params (`behavior.` prefix; tuples comma-joined, None as 'none')."""
-        params: dict[str, str | int | float | bool] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, tuple):
-                value = ",".join(str(v) for v in value)
-            params[f"behavior.{f.name}"] = "none" if value is None else value
-        return params
 
 
 @dataclass(frozen=True, slots=True)

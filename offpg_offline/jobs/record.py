@@ -13,11 +13,13 @@ from __future__ import annotations
 import dataclasses
 import re
 import tempfile
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from offpg_offline.config import (
+    FitConfig,
     Propensity,
     RunConfig,
     TrackingConfig,
@@ -172,6 +174,41 @@ def resume_run(dataset: Path, run_id: str, out_dir: Path | None) -> tuple[Path, 
                                  progress=True, resume=checkpoint)
         record_run(tracker, dataset, read_card(dataset), run.train, result)
     return checkpoint, result
+
+
+def fit_run(dataset: Path, config: FitConfig, *, out: Path | None, in_place: bool,
+            experiment: str | None, track: bool,
+            progress: Callable[[str], None]) -> tuple[str | None, Any]:
+    """`offpg behavior fit`: `behavior.fit.fit_behavior`, recorded as an MLflow run when
+    `track` (params `behavior.*`, the dataset as input, metrics, the report's artifacts).
+
+    Returns (the run id or None, the FitReport).
+    """
+    from offpg_offline.behavior.fit import fit_behavior
+    from offpg_offline.data.store import read_card
+
+    card = read_card(dataset)
+
+    def job(run_id: str | None) -> Any:
+        return fit_behavior(dataset, out=out, in_place=in_place, config=config,
+                            mlflow_run_id=run_id, progress=progress)
+
+    if not track:
+        return None, job(None)
+    from offpg_offline import tracking
+
+    with tracking.MlflowTracker.start(
+        TrackingConfig(experiment=experiment), experiment=str(card.get("name", dataset.name)),
+        run_name=f"behavior-fit-{config.model}-k{config.folds}-s{config.seed}",
+        tags={"offpg.job": "behavior"},
+    ) as tracker:
+        tracker.log_params(config.as_params())
+        tracker.log_dataset(dataset, card, context="behavior")
+        report = job(tracker.run_id)
+        tracker.log_metrics(report.metrics, step=0)
+        for path in report.artifacts.values():
+            tracker.log_artifact(path, "behavior")
+    return tracker.run_id, report
 
 
 def _safe(name: str) -> str:
