@@ -152,33 +152,95 @@ def smooth_log_weight(log_weight: Tensor) -> Tensor:
     return log_weight + (smoothed - log_weight.detach())
 
 
-def scatter_logsumexp(values: Tensor, index: Tensor, size: int) -> Tensor:
-    """log Σ_{i: index_i = j} exp(values_i) for j < size (−inf where empty), overflow-free."""
-    shift = torch.full((size,), -math.inf, dtype=values.dtype, device=values.device)
-    shift = shift.scatter_reduce(0, index, values.detach(), reduce="amax")
-    safe = torch.where(torch.isfinite(shift), shift, 0.0)
-    sums = torch.zeros(size, dtype=values.dtype, device=values.device)
-    sums = sums.index_add(0, index, torch.exp(values - safe[index]))
-    return safe + torch.log(sums)
+def kish_ess(log_weights: Tensor) -> float:
+    r"""Kish's effective sample size (Σ w)² / Σ w² from log-weights [N], in log space:
+    exp(2·logsumexp(log w) − logsumexp(2 log w)); 0.0 when every weight is 0 (all −inf).
+
+    The one definition: `diagnostics.ess_fraction` divides it by N, `ope` uses it for IS/WIS
+    and, per time step, `padded_log_sums` of w and w² give the per-decision ESS.
+    """
+    lw = log_weights.detach().double()
+    top = torch.logsumexp(lw, 0)
+    if not bool(torch.isfinite(top)):
+        return 0.0
+    return float((2 * top - torch.logsumexp(2 * lw, 0)).exp())
+
+
+def scaled_column_sums(
+    log_w: Tensor,
+    values: Tensor | None,
+    column: Tensor,
+    index: Tensor,
+    size: int,
+    counts: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""(S, a): S[b, k] = Σ_{rows in column k} c_{b, e(row)} · e^{log w − a_k} · v, and a_k.
+
+    a_k = max of `log_w` over column k (0 where the column is empty or all −inf), detached, so
+    every scaled weight is ≤ 1: S·e^{a_k} is the weighted column sum without ever forming e^{log
+    w} (no overflow for log w ≫ 709, no all-zero underflow for log w ≪ −745). `column` [M]
+    (values ≥ `size` are dropped), `index` [M] the row's episode ordinal, `values` [M] or None
+    (1). Without `counts` (one all-ones row) it is an index_add, differentiable in `log_w`;
+    with `counts` [B, E] (episode multiplicities of bootstrap resamples) a sparse [size, E]
+    matrix times counts^T: O(M·B), no [B, M] gather, not differentiable.
+
+    Returns:
+        S [B, size] (B = 1 without counts) float64, and a [size].
+    """
+    keep = column < size
+    col = torch.where(keep, column, 0)
+    masked = torch.where(keep, log_w.double(), -math.inf)
+    shift = torch.full((size,), -math.inf, dtype=torch.float64, device=log_w.device)
+    shift = shift.scatter_reduce(0, col, masked.detach(), reduce="amax")
+    shift = torch.where(torch.isfinite(shift), shift, 0.0)
+    scaled = torch.exp(masked - shift[col])
+    if values is not None:
+        scaled = scaled * values.double()
+    if counts is None:
+        sums = torch.zeros(size, dtype=torch.float64, device=log_w.device)
+        return sums.index_add(0, col, scaled)[None], shift
+    indices = torch.stack([torch.where(keep, column, size), index])
+    sparse = torch.sparse_coo_tensor(indices, scaled.detach(), (size + 1, counts.shape[1]),
+                                     check_invariants=False)
+    sums = torch.sparse.mm(sparse.coalesce(), counts.to(torch.float64).T).T
+    return sums[:, :size], shift
+
+
+def padded_log_sums(log_w: Tensor, episode_start: Tensor, counts: Tensor | None = None
+                    ) -> Tensor:
+    r"""log Σ_e c_e w̃_{e,t} for t < T_max, [B, T_max] (B = 1 without `counts`).
+
+    w̃_{e,t} = w_{e, min(t, T_e − 1)}: an episode that ended before t carries its final weight
+    (an absorbing state with ρ = 1), so the sum runs over all episodes: the normaliser of the
+    weighted per-decision estimators (WPDIS, WDR, the `per-decision` surrogate's
+    self-normalisation; Precup et al. 2000, Thomas 2015 §3.1). The one definition, in log space:
+    alive weights by position, plus a logcumsumexp of the final weights from column T_e on.
+    """
+    position = episode_position(episode_start)
+    index = torch.cumsum(episode_start.to(torch.int64), dim=0) - 1
+    length = int(position.max()) + 1
+    alive, a = scaled_column_sums(log_w, None, position, index, length, counts)
+    last = episode_last(episode_start)
+    ended_column = torch.where(last, position + 1, length)  # rows not last: dropped
+    ended, e = scaled_column_sums(log_w, None, ended_column, index, length, counts)
+    log_ended = torch.logcumsumexp(torch.log(ended) + e, dim=1)
+    return torch.logaddexp(torch.log(alive) + a, log_ended)
 
 
 def position_log_normaliser(log_w: Tensor, episode_start: Tensor) -> Tensor:
     r"""log n_t per row, n_t = (1/N) Σ_i w_{i, min(t, T_i − 1)} (WPDIS; Precup et al. 2000).
 
-    t is the row's position within its episode. Episodes that ended before position t carry
-    their final weight (an absorbing state whose action probability is 1 under both policies),
-    so n_t averages over all N episodes; computed with scatter and logcumsumexp.
+    t is the row's position within its episode; see `padded_log_sums` (differentiable).
     """
-    position = episode_position(episode_start)
-    length = int(position.max()) + 1
-    alive = scatter_logsumexp(log_w, position, length)
-    last = episode_last(episode_start)
-    ended_at = scatter_logsumexp(log_w[last], position[last] + 1, length + 1)[:length]
-    ended = torch.logcumsumexp(ended_at, dim=0)
-    total = torch.logaddexp(alive, ended) - math.log(int(episode_start.sum()))
-    return total[position]
+    total = padded_log_sums(log_w, episode_start)[0] - math.log(int(episode_start.sum()))
+    return total[episode_position(episode_start)]
 
 
 def cap_log_weight(log_w: Tensor) -> Tensor:
-    """min(log w, `MAX_LOG_WEIGHT`): the numerical guard applied after every option."""
+    """min(log w, `MAX_LOG_WEIGHT`): the one cap, applied after every option."""
     return log_w.clamp_max(MAX_LOG_WEIGHT)
+
+
+def capped_weight(log_w: Tensor) -> Tensor:
+    """exp(min(log w, `MAX_LOG_WEIGHT`)): a weight that multiplies a return or a reward."""
+    return cap_log_weight(log_w).exp()

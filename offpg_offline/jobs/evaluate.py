@@ -247,7 +247,7 @@ def run_target(target: str, choice: str, tmp: Path) -> tuple[Target, RunSource]:
                                     name=str(local) if path == local else
                                     f"runs:/{target}/{artifact}")
     dataset = None
-    for entry in run.inputs.dataset_inputs:
+    for entry in run.inputs.dataset_inputs if run.inputs is not None else ():
         try:
             dataset = Path(json.loads(entry.dataset.source)["uri"])
         except (ValueError, KeyError, TypeError):

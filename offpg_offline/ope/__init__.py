@@ -14,9 +14,11 @@ Estimates J(π) = E_π[Σ_t γ^t r_t] from episodes logged by a behavior policy 
 
 Notation: ρ_t = π(a_t|s_t)/β(a_t|s_t), w_{0:t} = Π_{k≤t} ρ_k (w_{0:−1} = 1), W_e = w_{0:T_e−1},
 G_e = Σ_t γ^t r_t, N episodes.
-Weights are exp of float64 segmented sums of log-ratios. Steps are flat [M] tensors,
-episodes contiguous and in `step` order, `episode_start` True on each first row (as in
-`offpg_offline.estimators`); nothing loops over episodes or steps in Python.
+Weights are float64 segmented sums of log-ratios from the trainer's pipeline
+(`estimators.weights`), never exponentiated raw: normalisers are formed in log space and a weight
+that multiplies a value is capped at e^`MAX_LOG_WEIGHT` (= e^80, the trainer's one cap).
+Steps are flat [M] tensors, episodes contiguous and in `step` order, `episode_start` True on
+each first row (as in `offpg_offline.estimators`); nothing loops over episodes or steps in Python.
 
 Modules: `ope.estimates` (the estimators as pure tensor functions, ESS), `ope.intervals`
 (bootstrap, HCOPE bound), `ope.fqe` (the critic); this one holds the job, `evaluate_offline`.
@@ -52,7 +54,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -60,8 +62,12 @@ import torch
 from torch import Tensor
 
 from offpg_offline.estimators.segments import check_gamma, episode_sum
+from offpg_offline.estimators.weights import capped_weight, kish_ess
 from offpg_offline.ope.estimates import (
     F64,
+    OPE_ESTIMATORS,
+    OpeInputs,
+    OpeSpec,
     _discount,
     _layout,
     _log_weights,
@@ -95,8 +101,8 @@ from offpg_offline.ope.intervals import (
 if TYPE_CHECKING:
     from offpg_offline.data.batch import StepBatch
 
-ESTIMATE_NAMES: tuple[str, ...] = ("is", "wis", "pdis", "wpdis", "dr", "wdr", "fqe")
-_CRITIC_NAMES = frozenset({"dr", "wdr", "fqe"})
+ESTIMATE_NAMES: tuple[str, ...] = tuple(OPE_ESTIMATORS)  # == config.SELECT_ESTIMATORS (tested)
+_CRITIC_NAMES = frozenset(name for name, spec in OPE_ESTIMATORS.items() if spec.needs_critic)
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,18 +226,7 @@ def evaluate_offline(
     n_episodes = int(start.sum())
     args = (target_logp, behavior_logp, reward, step, start)
 
-    statistics: dict[str, Callable[[Tensor], Tensor]] = {}
-    if "is" in estimators:
-        is_terms = importance_sampling(*args, gamma=gamma)
-        statistics["is"] = lambda c: episode_mean(is_terms, c)
-    if "wis" in estimators:
-        statistics["wis"] = lambda c: weighted_importance_sampling(*args, gamma=gamma, counts=c)
-    if "pdis" in estimators:
-        pdis_terms = per_decision_importance_sampling(*args, gamma=gamma)
-        statistics["pdis"] = lambda c: episode_mean(pdis_terms, c)
-    if "wpdis" in estimators:
-        statistics["wpdis"] = lambda c: weighted_per_decision_importance_sampling(
-            *args, gamma=gamma, counts=c)
+    inputs = OpeInputs(*args, gamma=gamma)
     if _CRITIC_NAMES & set(estimators):
         config = fqe or FQEConfig()
         critic = fit_fqe(policy, critic_batch if critic_batch is not None else batch,
@@ -240,26 +235,19 @@ def evaluate_offline(
             critic, policy, batch, action_samples=config.action_samples, seed=seed))
         cut = (batch.truncated & ~batch.terminated).cpu()
         end_value = torch.where(cut, next_value, 0.0) if _bootstraps(config, gamma) else None
-        critic_args = (*args, q_value, state_value)
-        if "dr" in estimators:
-            dr_terms = doubly_robust(*critic_args, gamma=gamma, end_value=end_value)
-            statistics["dr"] = lambda c: episode_mean(dr_terms, c)
-        if "wdr" in estimators:
-            statistics["wdr"] = lambda c: weighted_doubly_robust(
-                *critic_args, gamma=gamma, end_value=end_value, counts=c)
-        if "fqe" in estimators:
-            fqe_terms = direct_method(state_value, start)
-            statistics["fqe"] = lambda c: episode_mean(fqe_terms, c)
+        inputs = OpeInputs(*args, gamma=gamma, q_value=q_value, state_value=state_value,
+                           end_value=end_value)
+    statistics = {name: OPE_ESTIMATORS[name].statistic(inputs) for name in estimators}
 
     intervals = bootstrap_intervals(statistics, n_episodes, n_boot=n_boot, level=level, seed=seed)
     ones = torch.ones(1, n_episodes, dtype=F64)
     layout = _layout(step, start)
     log_weight, _ = _log_weights(target_logp, behavior_logp, start)
-    trajectory_ess = effective_sample_size(log_weight[layout.last].exp())
+    trajectory_ess = kish_ess(log_weight[layout.last])
     decision_ess = per_decision_ess(target_logp, behavior_logp, step, start)
-    ess = {"is": trajectory_ess, "wis": trajectory_ess, "pdis": decision_ess,
-           "wpdis": decision_ess, "dr": decision_ess, "wdr": decision_ess,
-           "fqe": float(n_episodes)}
+    ess_by = {"trajectory": trajectory_ess, "decision": decision_ess,
+              "episodes": float(n_episodes)}
+    ess = {name: ess_by[OPE_ESTIMATORS[name].ess] for name in estimators}
     bounds = _lower_bounds(args, gamma, delta, seed, return_range, set(estimators))
     return [Estimate(name, float(statistics[name](ones)[0]), *intervals[name], ess[name],
                      bounds.get(name), n_episodes) for name in estimators]
@@ -277,7 +265,7 @@ def _lower_bounds(args: tuple[Tensor, ...], gamma: float, delta: float, seed: in
     if "is" in names:
         layout = _layout(step, start)
         log_weight, _ = _log_weights(target_logp, behavior_logp, start)
-        terms = log_weight[layout.last].exp() * (returns - low).clamp_min(0.0) / width
+        terms = capped_weight(log_weight[layout.last]) * (returns - low).clamp_min(0.0) / width
         out["is"] = low + width * hcope_lower_bound(terms, delta=delta, seed=seed)
     if "pdis" in names and bool((reward >= 0).all()):
         scale = high if high > 0 else 1.0
@@ -288,8 +276,11 @@ def _lower_bounds(args: tuple[Tensor, ...], gamma: float, delta: float, seed: in
 
 __all__ = [
     "ESTIMATE_NAMES",
+    "OPE_ESTIMATORS",
     "Estimate",
     "FQEConfig",
+    "OpeInputs",
+    "OpeSpec",
     "QCritic",
     "TargetPolicy",
     "bootstrap_counts",

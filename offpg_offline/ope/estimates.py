@@ -1,12 +1,20 @@
 """The importance-sampling and doubly robust estimators of J(π) over flat step tensors.
 
 Conventions (padding of ended episodes, counts for resampling) are in `offpg_offline.ope`.
+Weights come from the shared log-space pipeline of `offpg_offline.estimators.weights` and are
+never exponentiated raw: a weight that multiplies a return is exp(min(log w, MAX_LOG_WEIGHT))
+(the trainer's cap, e^80), and every normaliser (WIS, WPDIS, WDR) is formed from log-weights
+shifted by their maximum, so self-normalised estimates are exact for any log-weights (±800
+included: no OverflowError, no 0/0 → 0.0) and the cap never binds on them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -18,7 +26,14 @@ from offpg_offline.estimators.segments import (
     episode_index,
     episode_last,
     episode_sum,
-    segmented_cumsum,
+)
+from offpg_offline.estimators.weights import (
+    capped_weight,
+    cumulative_from_log_ratio,
+    kish_ess,
+    log_ratio,
+    padded_log_sums,
+    scaled_column_sums,
 )
 
 F64 = torch.float64
@@ -63,53 +78,35 @@ def _check_counts(counts: Tensor, n_episodes: int) -> None:
         raise ValueError(f"counts must have shape [B, {n_episodes}], got {tuple(counts.shape)}")
 
 
-def _time_sums(values: Tensor, layout: _Layout, counts: Tensor, column: Tensor) -> Tensor:
-    """S[b, k] = Σ_rows counts[b, episode(row)]·values[row] over rows in column k, [B, T_max].
-
-    A sparse [T_max, E] matrix with one entry per row times counts^T: O(M·B), no [B, M] gather.
-    """
-    indices = torch.stack([column, layout.index])
-    shape = (layout.horizon + 1, layout.n_episodes)  # column T_max collects dropped entries
-    sparse = torch.sparse_coo_tensor(indices, values.to(F64), shape, check_invariants=False)
-    out = torch.sparse.mm(sparse.coalesce(), counts.to(F64).T).T
-    return out[:, : layout.horizon]
-
-
-def _padded_sums(weight: Tensor, layout: _Layout, counts: Tensor) -> Tensor:
-    r"""Σ_e counts_e·w̃_{e,t}, [B, T_max], where w̃_{e,t} = weight at min(t, T_e − 1).
-
-    Alive part by step column, plus each episode's final weight carried from column T_e on
-    (a cumulative sum of non-negative terms: no cancellation).
-    """
-    alive = _time_sums(weight, layout, counts, layout.step)
-    ended_column = torch.where(layout.last, layout.step + 1, layout.horizon)
-    carried = _time_sums(torch.where(layout.last, weight, 0.0), layout, counts, ended_column)
-    return alive + carried.cumsum(dim=1)
-
-
 def _safe_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
     """numerator / denominator with 0/0 := 0 (a time step where every weight vanished)."""
     positive = denominator > 0
     return torch.where(positive, numerator / torch.where(positive, denominator, 1.0), 0.0)
 
 
-_LOG_WEIGHT_CAP = 700.0  # exp(700) ≈ 1e304: beyond it, sums of weights would overflow to inf
+def _normalised_column_sums(log_w: Tensor, values: Tensor, layout: _Layout, counts: Tensor,
+                            log_denominator: Tensor) -> Tensor:
+    r"""Σ_e c_e w_{e,t} v_{e,t} / D_t per column t, [B, T_max], from log-weights and log D_t.
+
+    Numerator and denominator share the column shift a_t of `scaled_column_sums`:
+    (S_t e^{a_t}) / e^{log D_t} = S_t / e^{log D_t − a_t}; 0 where D_t = 0.
+    """
+    sums, shift = scaled_column_sums(log_w, values, layout.step, layout.index, layout.horizon,
+                                     counts)
+    return _safe_ratio(sums, torch.exp(log_denominator - shift))
 
 
 def _log_weights(target_logp: Tensor, behavior_logp: Tensor, episode_start: Tensor
                  ) -> tuple[Tensor, Tensor]:
     """(log w_{0:t}, log w_{0:t−1}) per row, float64, detached; −inf where the weight is 0.
 
-    A zero target probability (log π = −inf, e.g. a greedy policy) is kept out of the float64
-    running sum, where inf − inf would poison every later episode: it enters as log ρ = 0 and
-    an exact count of zeros so far in the episode sends the log-weight to −inf afterwards.
-    Log-weights are capped at 700.
+    From the shared pipeline (`estimators.weights.cumulative_from_log_ratio`): a zero target
+    probability (log π = −inf, e.g. a greedy policy) sends the log-weight to −inf exactly from
+    that step on, without poisoning later episodes. Not capped: the cap applies only where a
+    weight multiplies a value (`capped_weight`); normalisers use the log-weights themselves.
     """
-    log_ratio = target_logp.detach().double() - behavior_logp.detach().double()
-    zero = log_ratio == -math.inf
-    log_weight = segmented_cumsum(torch.where(zero, 0.0, log_ratio), episode_start)
-    zeros_so_far = segmented_cumsum(zero.double(), episode_start)  # small integers: exact
-    log_weight = torch.where(zeros_so_far > 0, -math.inf, log_weight.clamp_max(_LOG_WEIGHT_CAP))
+    log_rho = log_ratio(target_logp.detach(), behavior_logp.detach())
+    log_weight = cumulative_from_log_ratio(log_rho, episode_start)
     log_previous = torch.where(episode_start, 0.0, log_weight.roll(1))
     return log_weight, log_previous
 
@@ -120,9 +117,10 @@ def _discount(step: Tensor, gamma: float) -> Tensor:
 
 def trajectory_weights(target_logp: Tensor, behavior_logp: Tensor, episode_start: Tensor
                        ) -> Tensor:
-    """Whole-episode importance weights W_e = Π_t π(a_t|s_t)/β(a_t|s_t), [E] float64."""
+    """Whole-episode importance weights W_e = Π_t π(a_t|s_t)/β(a_t|s_t), [E] float64, capped at
+    e^`MAX_LOG_WEIGHT` (the one cap; see the module docstring)."""
     log_weight, _ = _log_weights(target_logp, behavior_logp, episode_start)
-    return log_weight[episode_last(episode_start)].exp()
+    return capped_weight(log_weight[episode_last(episode_start)])
 
 
 def episode_mean(contributions: Tensor, counts: Tensor | None = None) -> Tensor:
@@ -171,7 +169,7 @@ def importance_sampling(
     layout = _layout(step, episode_start)
     log_weight, _ = _log_weights(target_logp, behavior_logp, episode_start)
     returns = episode_sum(_discount(layout.step, gamma) * reward.double(), episode_start)
-    return log_weight[layout.last].exp() * returns
+    return capped_weight(log_weight[layout.last]) * returns
 
 
 def weighted_importance_sampling(
@@ -189,7 +187,8 @@ def weighted_importance_sampling(
         WIS = Σ_e W_e G_e / Σ_e W_e,   W_e = w_{0:T_e−1}.
 
     Biased (O(1/N)) but consistent, and always inside [min_e G_e, max_e G_e]. For T = 1 this is
-    self-normalised IPW (SNIPW). Precup et al. (2000).
+    self-normalised IPW (SNIPW). Precup et al. (2000). Computed as Σ_e c_e e^{log W_e − m} G_e /
+    Σ_e c_e e^{log W_e − m}, m the largest log W_e drawn in each resample: exact for any scale.
 
     Args:
         target_logp, behavior_logp, reward, step, episode_start, gamma: as in
@@ -201,11 +200,14 @@ def weighted_importance_sampling(
     """
     layout = _layout(step, episode_start)
     log_weight, _ = _log_weights(target_logp, behavior_logp, episode_start)
-    weight = log_weight[layout.last].exp()
+    log_w = log_weight[layout.last]
     returns = episode_sum(_discount(layout.step, gamma) * reward.double(), episode_start)
     c = _ones_counts(layout) if counts is None else counts.to(layout.index.device, F64)
     _check_counts(c, layout.n_episodes)
-    value = _safe_ratio(c @ (weight * returns), c @ weight)
+    drawn = torch.where(c > 0, log_w, -math.inf)
+    shift = drawn.amax(dim=1, keepdim=True)
+    scaled = c * torch.exp(drawn - torch.where(torch.isfinite(shift), shift, 0.0))
+    value = _safe_ratio(scaled @ returns, scaled.sum(1))
     return value[0] if counts is None else value
 
 
@@ -232,7 +234,7 @@ def per_decision_importance_sampling(
     check_flat(target_logp=target_logp, behavior_logp=behavior_logp, reward=reward, step=step)
     layout = _layout(step, episode_start)
     log_weight, _ = _log_weights(target_logp, behavior_logp, episode_start)
-    terms = _discount(layout.step, gamma) * log_weight.exp() * reward.double()
+    terms = _discount(layout.step, gamma) * capped_weight(log_weight) * reward.double()
     return episode_sum(terms, episode_start)
 
 
@@ -265,12 +267,12 @@ def weighted_per_decision_importance_sampling(
     check_flat(target_logp=target_logp, behavior_logp=behavior_logp, reward=reward, step=step)
     layout = _layout(step, episode_start)
     log_weight, _ = _log_weights(target_logp, behavior_logp, episode_start)
-    weight = log_weight.exp()
     c = _ones_counts(layout) if counts is None else counts.to(layout.index.device, F64)
     _check_counts(c, layout.n_episodes)
-    numerator = _time_sums(weight * reward.double(), layout, c, layout.step)
+    padded = padded_log_sums(log_weight, episode_start, c)  # log Σ_e c_e w̃_{e,t}
+    per_step = _normalised_column_sums(log_weight, reward, layout, c, padded)
     discount = _discount(torch.arange(layout.horizon, device=c.device), gamma)
-    value = (discount * _safe_ratio(numerator, _padded_sums(weight, layout, c))).sum(1)
+    value = (discount * per_step).sum(1)
     return value[0] if counts is None else value
 
 
@@ -291,7 +293,7 @@ def _dr_parts(
     log_weight, log_previous = _log_weights(target_logp, behavior_logp, episode_start)
     tail = 0.0 if end_value is None else gamma * torch.where(layout.last, end_value.double(), 0.0)
     residual = reward.double() - q_value.double() + tail
-    return layout, log_weight.exp(), log_previous.exp(), residual, state_value.double()
+    return layout, log_weight, log_previous, residual, state_value.double()
 
 
 def doubly_robust(
@@ -329,7 +331,8 @@ def doubly_robust(
     layout, weight, previous, residual, value = _dr_parts(
         target_logp, behavior_logp, reward, step, episode_start, q_value, state_value,
         end_value, gamma)
-    terms = _discount(layout.step, gamma) * (weight * residual + previous * value)
+    terms = _discount(layout.step, gamma) * (capped_weight(weight) * residual
+                                             + capped_weight(previous) * value)
     return episode_sum(terms, episode_start)
 
 
@@ -366,13 +369,12 @@ def weighted_doubly_robust(
         end_value, gamma)
     c = _ones_counts(layout) if counts is None else counts.to(layout.index.device, F64)
     _check_counts(c, layout.n_episodes)
-    padded = _padded_sums(weight, layout, c)  # Σ_e w̃_{e,t}
-    padded_previous = torch.cat([c.sum(1, keepdim=True), padded[:, :-1]], dim=1)
-    correction = _time_sums(weight * residual, layout, c, layout.step)
-    baseline = _time_sums(previous * value, layout, c, layout.step)
+    padded = padded_log_sums(weight, episode_start, c)  # log Σ_e c_e w̃_{e,t}
+    padded_previous = torch.cat([c.sum(1, keepdim=True).log(), padded[:, :-1]], dim=1)
+    correction = _normalised_column_sums(weight, residual, layout, c, padded)
+    baseline = _normalised_column_sums(previous, value, layout, c, padded_previous)
     discount = _discount(torch.arange(layout.horizon, device=c.device), gamma)
-    value_b = (discount * (_safe_ratio(correction, padded)
-                           + _safe_ratio(baseline, padded_previous))).sum(1)
+    value_b = (discount * (correction + baseline)).sum(1)
     return value_b[0] if counts is None else value_b
 
 
@@ -384,10 +386,9 @@ def direct_method(state_value: Tensor, episode_start: Tensor) -> Tensor:
 
 
 def effective_sample_size(weight: Tensor) -> float:
-    """Kish's effective sample size (Σ w)² / Σ w² of non-negative weights (0 if all vanish)."""
-    weight = weight.double()
-    squares = float(weight.square().sum())
-    return float(weight.sum()) ** 2 / squares if squares > 0 else 0.0
+    """Kish's effective sample size (Σ w)² / Σ w² of non-negative weights (0 if all vanish);
+    `estimators.weights.kish_ess` of their logarithms."""
+    return kish_ess(weight.double().log())
 
 
 def per_decision_ess(
@@ -400,10 +401,103 @@ def per_decision_ess(
     The per-decision estimators (PDIS, WPDIS, DR, WDR) weight step t by w_{0:t}; their worst step
     bounds how many episodes effectively inform the estimate.
     """
-    layout = _layout(step, episode_start)
+    _layout(step, episode_start)
     log_weight, _ = _log_weights(target_logp, behavior_logp, episode_start)
-    weight = log_weight.exp()
-    ones = _ones_counts(layout)
-    total = _padded_sums(weight, layout, ones)[0]
-    squares = _padded_sums(weight.square(), layout, ones)[0]
-    return float(_safe_ratio(total.square(), squares).min())
+    log_total = padded_log_sums(log_weight, episode_start)[0]
+    log_squares = padded_log_sums(2 * log_weight, episode_start)[0]
+    ess = torch.where(torch.isfinite(log_squares), (2 * log_total - log_squares).exp(), 0.0)
+    return float(ess.min())
+
+
+# --------------------------------------------------------------------------------------------
+# The OPE registry
+# --------------------------------------------------------------------------------------------
+
+Statistic = Callable[[Tensor], Tensor]
+"""counts [B, E] (episode multiplicities of B resamples) → the B estimates, [B]."""
+
+
+@dataclass(frozen=True, slots=True)
+class OpeInputs:
+    """What an OPE estimator reads: the flat log, γ, and (for critic estimators) Q̂, V̂."""
+
+    target_logp: Tensor
+    behavior_logp: Tensor
+    reward: Tensor
+    step: Tensor
+    episode_start: Tensor
+    gamma: float
+    q_value: Tensor | None = None
+    state_value: Tensor | None = None
+    end_value: Tensor | None = None
+
+    @property
+    def log(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(target_logp, behavior_logp, reward, step, episode_start)."""
+        return (self.target_logp, self.behavior_logp, self.reward, self.step,
+                self.episode_start)
+
+    def critic(self) -> tuple[Tensor, Tensor]:
+        """(Q̂, V̂), or ValueError when no critic was fitted."""
+        if self.q_value is None or self.state_value is None:
+            raise ValueError("this estimator needs a critic: pass q_value and state_value")
+        return self.q_value, self.state_value
+
+
+@dataclass(frozen=True, slots=True)
+class OpeSpec:
+    """One OPE estimator: `statistic(inputs)` builds counts → estimates; `needs_critic` says it
+    reads Q̂/V̂ (FQE is fitted first); `ess` names the weights its ESS is reported on
+    ("trajectory": W_e, "decision": worst-step w̃_{·,t}, "episodes": N)."""
+
+    statistic: Callable[[OpeInputs], Statistic]
+    needs_critic: bool
+    ess: Literal["trajectory", "decision", "episodes"]
+
+
+def _mean_of(terms: Tensor) -> Statistic:
+    return lambda c: episode_mean(terms, c)
+
+
+def _is(x: OpeInputs) -> Statistic:
+    return _mean_of(importance_sampling(*x.log, gamma=x.gamma))
+
+
+def _wis(x: OpeInputs) -> Statistic:
+    return lambda c: weighted_importance_sampling(*x.log, gamma=x.gamma, counts=c)
+
+
+def _pdis(x: OpeInputs) -> Statistic:
+    return _mean_of(per_decision_importance_sampling(*x.log, gamma=x.gamma))
+
+
+def _wpdis(x: OpeInputs) -> Statistic:
+    return lambda c: weighted_per_decision_importance_sampling(*x.log, gamma=x.gamma, counts=c)
+
+
+def _dr(x: OpeInputs) -> Statistic:
+    return _mean_of(doubly_robust(*x.log, *x.critic(), gamma=x.gamma, end_value=x.end_value))
+
+
+def _wdr(x: OpeInputs) -> Statistic:
+    q_value, state_value = x.critic()
+    return lambda c: weighted_doubly_robust(*x.log, q_value, state_value, gamma=x.gamma,
+                                            end_value=x.end_value, counts=c)
+
+
+def _fqe(x: OpeInputs) -> Statistic:
+    return _mean_of(direct_method(x.critic()[1], x.episode_start))
+
+
+OPE_ESTIMATORS: Mapping[str, OpeSpec] = MappingProxyType({
+    "is": OpeSpec(_is, needs_critic=False, ess="trajectory"),
+    "wis": OpeSpec(_wis, needs_critic=False, ess="trajectory"),
+    "pdis": OpeSpec(_pdis, needs_critic=False, ess="decision"),
+    "wpdis": OpeSpec(_wpdis, needs_critic=False, ess="decision"),
+    "dr": OpeSpec(_dr, needs_critic=True, ess="decision"),
+    "wdr": OpeSpec(_wdr, needs_critic=True, ess="decision"),
+    "fqe": OpeSpec(_fqe, needs_critic=True, ess="episodes"),
+})
+"""OPE estimator name → spec, in reporting order; the keys equal `config.SELECT_ESTIMATORS`
+(tested in tests/test_wiring.py). Adding one: a function here, one entry, and the name in
+`config.SELECT_ESTIMATORS`."""
