@@ -33,7 +33,7 @@ from offpg_offline.config import Init, TrainConfig, as_params
 from offpg_offline.data.spaces import space_from_json
 from offpg_offline.data.split import validation_digest, write_validation_record
 from offpg_offline.data.stream import LogView, episode_rows
-from offpg_offline.policies import behavior_clone, make_policy
+from offpg_offline.policies import Policy, behavior_clone, make_policy
 from offpg_offline.training.batches import stream, unit_is_step
 from offpg_offline.training.checkpoints import (
     latest_checkpoint,
@@ -210,7 +210,7 @@ def build_policy(
     context: distributed.Context,
     checkpoint: Mapping[str, Any] | None,
     env_id: str | None,
-) -> tuple[nn.Module, torch.optim.Optimizer, dict[str, float]]:
+) -> tuple[Policy, torch.optim.Optimizer, dict[str, float]]:
     """π_θ (observations normalised by the training episodes' statistics) and its Adam optimiser:
     restored from `checkpoint`, else behavior-cloned (`init = bc`, with its `bc/*` online
     returns), else as initialised from the seed. Moved to the device; the same on every rank."""
@@ -248,7 +248,7 @@ def build_policy(
 
 
 def update(
-    policy: nn.Module,
+    policy: Policy,
     optimizer: torch.optim.Optimizer,
     batch: LogView,
     config: TrainConfig,
@@ -280,7 +280,7 @@ def update(
 
 
 def diagnostics(
-    policy: nn.Module,
+    policy: Policy,
     batch: LogView,
     train_probe: LogView,
     val_probe: LogView | None,
@@ -294,7 +294,7 @@ def diagnostics(
 
 
 def finish(
-    policy: nn.Module,
+    policy: Policy,
     optimizer: torch.optim.Optimizer,
     data: TrainingData,
     config: TrainConfig,
@@ -332,7 +332,7 @@ def finish(
 
 
 def ship_selected(
-    selector: Selector, policy: nn.Module, final: Path, config: TrainConfig, tracker: Tracker
+    selector: Selector, policy: Policy, final: Path, config: TrainConfig, tracker: Tracker
 ) -> tuple[int, Path]:
     """Score the final policy too, copy the best checkpoint to `selected.pt`, log and tag it."""
     if config.steps not in selector.scores:
@@ -393,7 +393,7 @@ def surrogate_options(config: TrainConfig) -> estimators.SurrogateOptions:
 
 
 def episode_gradient_variance(
-    policy: nn.Module, view: LogView, config: TrainConfig, max_units: int = 8
+    policy: Policy, view: LogView, config: TrainConfig, max_units: int = 8
 ) -> float:
     """tr Cov of per-unit gradient contributions (episodes, or steps for a step estimator), on
     ≤ 8 of them. A diagnostic, not a hot path: one backward pass per unit."""

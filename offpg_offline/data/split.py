@@ -19,15 +19,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TypeVar
+from typing import overload
 
 import numpy as np
 import torch
 from torch import Tensor
 
 VALIDATION_RECORD = "validation_episodes.json"
-
-Ids = TypeVar("Ids", Tensor, np.ndarray)
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MUL_1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -53,7 +51,21 @@ def split_keys(episode_ids: np.ndarray, seed: int) -> np.ndarray:
     return _mix64(_as_uint64(episode_ids) ^ seed_key)
 
 
-def split_episodes(episode_ids: Ids, val_fraction: float, seed: int) -> tuple[Ids, Ids]:
+@overload
+def split_episodes(episode_ids: Tensor, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    ...
+
+
+@overload
+def split_episodes(
+    episode_ids: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    ...
+
+
+def split_episodes(
+    episode_ids: Tensor | np.ndarray, val_fraction: float, seed: int
+) -> tuple[Tensor, Tensor] | tuple[np.ndarray, np.ndarray]:
     """Split episode ids into (training ids, validation ids), both sorted ascending.
 
     Deterministic in (the set of ids, `val_fraction`, `seed`); see the module docstring for the
@@ -74,8 +86,8 @@ def split_episodes(episode_ids: Ids, val_fraction: float, seed: int) -> tuple[Id
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
     as_tensor = isinstance(episode_ids, Tensor)
-    ids = episode_ids.cpu().numpy() if as_tensor else np.asarray(episode_ids)
-    ids = np.sort(ids.astype(np.int64).reshape(-1))
+    given = episode_ids.cpu().numpy() if isinstance(episode_ids, Tensor) else episode_ids
+    ids = np.sort(np.asarray(given, dtype=np.int64).reshape(-1))
     if len(ids) == 0:
         raise ValueError("cannot split a log with no episodes")
     repeated = ids[1:][ids[1:] == ids[:-1]]

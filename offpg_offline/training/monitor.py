@@ -4,6 +4,7 @@ held-out episodes, online returns when the env can be built, and the progress ba
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -12,13 +13,14 @@ from torch import nn
 from offpg_offline import estimators
 from offpg_offline.config import TrainConfig
 from offpg_offline.data.stream import LogView
+from offpg_offline.policies import Policy
 from offpg_offline.training.batches import unit_is_step
 from offpg_offline.training.checkpoints import on_cpu
 
 
 @torch.no_grad()
 def weight_metrics(
-    policy: nn.Module, train_probe: LogView, val_probe: LogView | None, config: TrainConfig
+    policy: Policy, train_probe: LogView, val_probe: LogView | None, config: TrainConfig
 ) -> dict[str, float]:
     """`weights/*` and `policy/*` on the training probe (at the estimator's unit: episode or
     step weights), and `ope/pdis_validation`, the PDIS estimate of J(π_θ) on the held-out probe."""
@@ -47,7 +49,7 @@ def weight_metrics(
 
 
 @torch.no_grad()
-def final_log_weights(policy: nn.Module, view: LogView, config: TrainConfig) -> torch.Tensor:
+def final_log_weights(policy: Policy, view: LogView, config: TrainConfig) -> torch.Tensor:
     """Log-weights on the training episodes at the end (per episode, or per step), on the CPU."""
     return estimators.diagnostic_log_weights(
         policy.log_prob(view.obs, view.action),
@@ -128,6 +130,11 @@ class Progress:
 
         return advance
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
         if self.enabled:
-            self._bar.__exit__(*exc)
+            self._bar.__exit__(kind, error, trace)
