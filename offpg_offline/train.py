@@ -129,6 +129,7 @@ def train(
     out_dir = out_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     checkpoint = None if resume is None else load_resumable(resume, config)
     start_step = 0 if checkpoint is None else int(checkpoint["step"])
+    surrogate_options(config)  # an option the estimator ignores is refused before any file
 
     data = prepare_data(dataset, config)
     env_id, online_skipped = resolve_env(data.card, config)

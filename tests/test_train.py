@@ -298,3 +298,14 @@ def test_the_run_records_its_held_out_episodes_and_never_trains_on_them(tmp_path
     n_batches = (len(episodes) - len(held_out)) // config.batch_episodes
     seen = {row.tobytes() for _ in range(n_batches) for row in next(batches).obs.numpy()}
     assert seen == train_rows and not seen & held_rows
+
+
+def test_an_option_the_estimator_ignores_is_refused_before_anything_is_written(
+    tmp_path: Path,
+) -> None:
+    tracker = RecordingTracker()
+    config = dataclasses.replace(FAST, estimator=EstimatorName.TRAJECTORY, ppo_epsilon=0.2)
+    with pytest.raises(ValueError, match=r"option ppo_epsilon=0\.2 is not supported by the traj"):
+        train(WEAK, config, tracker=tracker, out_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    assert tracker.params == {} and tracker.tags == {} and tracker.artifacts == []
