@@ -283,3 +283,19 @@ def test_three_runs_started_together_on_a_fresh_store_all_succeed(
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.data.metrics["x"] for r in runs) == [0.0, 1.0, 2.0, 3.0]
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_resolving_and_validating_a_uri_does_not_import_mlflow() -> None:
+    # issue 14.6: the package loads a module's mlflow only when one of its names is used,
+    # so a CLI can refuse a bad URI at parse time without paying for mlflow (~2 s).
+    import subprocess
+    import sys
+
+    code = ("import sys; from offpg_offline import tracking; from offpg_offline.config import "
+            "TrackingConfig; tracking.resolve_uri(TrackingConfig()); "
+            "tracking.validate_uri('http://127.0.0.1:1'); tracking.experiment_url('h', '0'); "
+            "print('mlflow' in sys.modules); tracking.MlflowTracker; "
+            "print('mlflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["False", "True"]

@@ -75,7 +75,8 @@ def store_failure(uri: str, err: BaseException) -> str | None:
         return None
     import sqlalchemy.exc
 
-    for cause in _chain(err):
+    causes = list(_chain(err))
+    for cause in causes:  # the engine's or the filesystem's own words first
         if isinstance(cause, sqlite3.DatabaseError) and not isinstance(cause, _CALLER_ERRORS):
             return first_line(cause)
         if isinstance(cause, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError):
@@ -83,6 +84,7 @@ def store_failure(uri: str, err: BaseException) -> str | None:
         if isinstance(cause, OSError) and cause.errno in _STORE_ERRNOS:
             where = f": {cause.filename}" if cause.filename else ""
             return first_line(OSError(f"{cause.strerror}{where}"))
+    for cause in causes:
         if isinstance(cause, MlflowException) and cause.error_code == "TEMPORARILY_UNAVAILABLE":
             return first_line(cause)
     return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -226,4 +227,6 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 def first_line(err: BaseException) -> str:
     """The first line of an error's text (its type's name when empty), at most 300 chars."""
     lines = str(err).strip().splitlines()
-    return _shown(lines[0][:300]) if lines else type(err).__name__
+    if not lines:
+        return type(err).__name__
+    return _shown(re.sub(r"^\([\w.]+\) ", "", lines[0])[:300])  # "(sqlite3.OperationalError) "
