@@ -104,7 +104,9 @@ def _string(where: _Where, value: Any, key: str) -> str:
 
 
 def _bounds(where: _Where, value: Any, key: str, size: int) -> list[float]:
-    """A Box bound: a number or nested lists of numbers / 'inf' / '-inf' with `size` values."""
+    """A Box bound: (nested) lists of numbers / 'inf' / '-inf' with `size` values in all."""
+    if not isinstance(value, list):
+        raise where.fail(key, f"must be a list of bounds, not {_kind(value)}")
     flat: list[Any] = []
     stack = [value]
     while stack:  # flatten, depth first, keeping order
@@ -122,8 +124,6 @@ def _bounds(where: _Where, value: Any, key: str, size: int) -> list[float]:
             numbers.append(float(item))
         else:
             raise where.fail(key, f"holds {one_line(repr(item))}, not a number or 'inf'/'-inf'")
-    if len(numbers) == 1 and size != 1:  # a scalar bound broadcasts
-        numbers *= size
     if len(numbers) != size:
         raise where.fail(key, f"has {len(numbers)} values, but the shape has {size}")
     return numbers
@@ -234,6 +234,16 @@ def _propensity(where: _Where, value: Any) -> None:
             entry = _object(where, entry, f"propensity.{name}")
             _relative_path(where, entry.get("model_checkpoint"),
                            f"propensity.{name}.model_checkpoint")
+
+
+def check_space(value: Any, *, source: Path | str, key: str) -> None:
+    """Check a Box or Discrete space description (sizes that fit, bounds that are numbers,
+    low ≤ high) given by the user or a card, before gymnasium builds it.
+
+    Raises:
+        DataError: one sentence naming `source` and the key.
+    """
+    _space(_Where(Path(source)), value, key)
 
 
 def check_env_spec(value: Any, *, source: Path | str, allow_entry_point: bool = False) -> None:

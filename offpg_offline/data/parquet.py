@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from offpg_offline.data import schema as sc
-from offpg_offline.data.card import check_env_spec
+from offpg_offline.data.card import check_env_spec, check_space
 from offpg_offline.data.categorical import Categories, vocabulary
 from offpg_offline.data.envspec import build_env, env_spec
 from offpg_offline.data.spaces import flatten_space, space_from_json, space_to_json
@@ -171,21 +171,38 @@ def merge_mappings(base: ColumnMapping, override: ColumnMapping) -> ColumnMappin
 
 
 def parse_action_space(text: str) -> Any:
-    """An action space from `discrete:N`, `box:LOW:HIGH:DIM`, or space JSON (the card's form)."""
+    """An action space from `discrete:N`, `box:LOW:HIGH:DIM`, or space JSON (the card's form).
+
+    Sizes must fit (1..2^31-1), bounds be numbers with LOW ≤ HIGH: the card model's check
+    (`card.check_space`), so a refusal names the option instead of a gymnasium or numpy error.
+    """
     text = text.strip()
     from gymnasium import spaces
 
     kind, _, rest = text.partition(":")
     try:
         if kind.lower() == "discrete":
-            return spaces.Discrete(int(rest))
-        if kind.lower() == "box":
+            data: Any = {"type": "Discrete", "n": int(rest)}
+        elif kind.lower() == "box":
             low, high, dim = rest.split(":")
-            return spaces.Box(float(low), float(high), (int(dim),), dtype=np.float32)
-        return space_from_json(json.loads(text))
-    except (ValueError, json.JSONDecodeError):
+            data = {"type": "Box", "shape": [int(dim)], "low": [float(low)],
+                    "high": [float(high)]}
+        else:
+            data = json.loads(text)
+    except (ValueError, json.JSONDecodeError, RecursionError):
         raise ValueError(f"action space {text!r} is not discrete:N, box:LOW:HIGH:DIM or space "
                          f"JSON.") from None
+    if kind.lower() == "box":  # one LOW and one HIGH for all DIM components
+        check_space({**data, "shape": [1]}, source="--action-space", key="action space")
+        if not 1 <= data["shape"][0] < 2**31:
+            raise ValueError(f"--action-space {text!r}: DIM must lie in 1..2^31 - 1.")
+        return spaces.Box(data["low"][0], data["high"][0], tuple(data["shape"]), dtype=np.float32)
+    check_space(data, source="--action-space", key="action space")
+    space = space_from_json(data)
+    if isinstance(space, spaces.Box):  # the dataset stores float32 actions
+        space = spaces.Box(space.low.astype(np.float32), space.high.astype(np.float32),
+                           dtype=np.float32)
+    return space
 
 
 # --- planning: which columns make which canonical field ----------------------------------------

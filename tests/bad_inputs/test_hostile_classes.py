@@ -160,7 +160,7 @@ KEYS: dict[str, set[str]] = {
     "files[0].name": {"text"}, "files[0].rows": set(), "files[0].episodes": set(),
     "files[0].bytes": set(), "files[0].sha256": set(), "action_space.n": set(),
     "action_space.start": set(), "observation_space.shape": {"list"},
-    "observation_space.low": {"list", "number"}, "observation_space.high": {"list", "number"},
+    "observation_space.low": {"list"}, "observation_space.high": {"list"},
     "observation_space.type": set(), "action_space.type": set(), "env_spec.id": {"text"},
     "env_spec.max_episode_steps": {"null"}, "env_spec.kwargs": {"null", "object"},
     "propensity.logged_logp": {"null", "object"}, "env_spec.entry_point": {"null"},
@@ -528,6 +528,23 @@ def _next_obs_width(tmp: Path) -> list[str]:
             "--map", "done=done", "--quiet"]
 
 
+# Sizes beyond int64 (before: "OverflowError" traceback), zero sizes, NaN or crossed bounds,
+# bounds of the wrong length or kind (before: gymnasium's "Box low.shape doesn't match").
+ACTION_SPACES = ["discrete:99999999999999999999999", "discrete:0", "box:0:1:0",
+                 "box:0:1:99999999999", "box:1:-1:2", "box:nan:1:2", "[1]",
+                 '{"type": "Box", "shape": [2], "low": [0, 0], "high": [1]}',
+                 '{"type": "Box", "shape": [2], "low": 0, "high": [1, 1]}',
+                 '{"type": "Discrete", "n": 1e400}', '{"type": "Discrete", "n": 2, "start": "a"}']
+
+
+def _action_space(text: str) -> Callable[[Path], list[str]]:
+    def build(tmp: Path) -> list[str]:
+        _log_frame().write_parquet(tmp / "log.parquet")
+        return [*_ingest("log.parquet"), "--action-space", text]
+
+    return build
+
+
 def foreign_value_cases() -> list[Case]:
     cases = [Case(f"foreign-uint64-{column}-{value}", _unsigned(column, value),
                   ("log.parquet", f"'{column}'", "row 5", str(value)))
@@ -538,6 +555,8 @@ def foreign_value_cases() -> list[Case]:
     cases += [Case(f"foreign-{key}-{kind}", _vector_column(key, kind),
                    ("log.parquet", f"'{key}'", "has type"))
               for key in ("obs", "next_obs", "action") for kind in LIST_TYPES]
+    for i, space in enumerate(ACTION_SPACES):
+        cases.append(Case(f"foreign-action-space{i}", _action_space(space), ("--action-space",)))
     cases.append(Case("foreign-next-obs-width", _next_obs_width,
                       ("log.parquet", "'next_obs'", "3 values where obs has 2")))
     return cases
