@@ -308,28 +308,11 @@ def train(
 
 
 def _launch_torchrun(dataset: Path, run: RunConfig, nproc: int, out_dir: Path | None) -> NoReturn:
-    """`--nproc N`: start N ranks of this command with torchrun, the resolved config in a TOML
-    file; rank 0 tracks and saves. Exits with torchrun's status."""
-    import os
-    import subprocess
-    import tempfile
-
-    if os.environ.get("WORLD_SIZE", "1") != "1":
-        fail("--nproc starts torchrun itself; under torchrun, leave it out")
-    per_step = run.train.estimator is EstimatorName.PER_STEP
-    size = run.train.batch_steps if per_step else run.train.batch_episodes
-    if size % nproc:
-        option = "--batch-steps" if per_step else "--batch-episodes"
-        fail(f"{option} {size} cannot be split evenly over {nproc} processes")
-    from offpg_offline.distributed import torchrun_command
-
-    with tempfile.TemporaryDirectory() as tmp:
-        config_path = Path(tmp) / "config.toml"
-        config_path.write_text(record.to_toml(run))
-        args = [str(dataset), "--config", str(config_path)]
-        if out_dir is not None:
-            args += ["--out-dir", str(out_dir)]
-        code = subprocess.call(torchrun_command(nproc, args))
+    """`--nproc N`: N ranks of this command under torchrun; exits with torchrun's status."""
+    try:
+        code = record.launch_ranks(dataset, run, nproc, out_dir)
+    except ValueError as err:
+        fail(str(err))
     if code:
         fail(f"torchrun exited with status {code} (see the rank messages above)")
     raise typer.Exit(0)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from offpg_offline.config import (
+    EstimatorName,
     FitConfig,
     Propensity,
     RunConfig,
@@ -174,6 +175,34 @@ def resume_run(dataset: Path, run_id: str, out_dir: Path | None) -> tuple[Path, 
                                  progress=True, resume=checkpoint)
         record_run(tracker, dataset, read_card(dataset), run.train, result)
     return checkpoint, result
+
+
+def launch_ranks(dataset: Path, run: RunConfig, nproc: int, out_dir: Path | None) -> int:
+    """`offpg train --nproc N`: start N ranks of `offpg train` with torchrun, the resolved config
+    handed over as a TOML file (rank 0 tracks and saves); returns torchrun's exit status.
+
+    Raises ValueError (naming the option) under torchrun already, or when the batch does not
+    split evenly over the ranks.
+    """
+    import os
+    import subprocess
+
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        raise ValueError("--nproc starts torchrun itself; under torchrun, leave it out")
+    per_step = run.train.estimator is EstimatorName.PER_STEP
+    size = run.train.batch_steps if per_step else run.train.batch_episodes
+    if size % nproc:
+        option = "--batch-steps" if per_step else "--batch-episodes"
+        raise ValueError(f"{option} {size} cannot be split evenly over {nproc} processes")
+    from offpg_offline.distributed import torchrun_command
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path = Path(tmp) / "config.toml"
+        config_path.write_text(to_toml(run))
+        args = [str(dataset), "--config", str(config_path)]
+        if out_dir is not None:
+            args += ["--out-dir", str(out_dir)]
+        return subprocess.call(torchrun_command(nproc, args))
 
 
 def fit_run(dataset: Path, config: FitConfig, *, out: Path | None, in_place: bool,
