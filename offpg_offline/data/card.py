@@ -294,7 +294,7 @@ def _env_spec(where: _Where, value: Any, allow_entry_point: bool) -> None:
 def _is_env_class(entry_point: Any) -> bool:
     """An environment class of a known environment package (see `ENV_PACKAGES`)."""
     found = _ENV_CLASS.fullmatch(entry_point) if isinstance(entry_point, str) else None
-    return bool(found) and found["module"].split(".")[0] in ENV_PACKAGES
+    return found is not None and found["module"].split(".")[0] in ENV_PACKAGES
 
 
 def validate_card(raw: Any, *, source: Path, allow_env_entry_point: bool = False
@@ -389,6 +389,8 @@ def _check_footer(file: Path, metadata: Any, card: Mapping[str, Any], i: int) ->
             raise _part_fail(file, f"column '{field.name}' holds {sc.type_name(actual)}, but "
                                    f"the card's {space} needs {sc.type_name(field.type)}")
     space = card["action_space"]
+    low: float
+    high: float
     if space["type"] == "Discrete":
         low = int(space.get("start", 0))
         high = low + int(space["n"]) - 1
