@@ -1,7 +1,10 @@
-"""The canonical dataset folder: atomic sharded Parquet writes, the `dataset.json` card, reading.
+"""The canonical dataset folder: atomic sharded Parquet writes, the `_dataset.json` card, reading.
 
 A dataset is a folder with `part-00000.parquet …` (schema v1, shards of whole episodes, row
-groups of ~64k rows for streaming) and `dataset.json`. `write_dataset` consumes a stream of
+groups of ~64k rows for streaming) and the card `_dataset.json` (`card_path`; a folder written
+before the rename holds `dataset.json`, still read). Everything that is not a data part starts
+with `_` (the card, a behavior model in `_behavior/`), so the folder is also a plain Parquet
+dataset for pyarrow.dataset, Spark, Hive and Ray Data. `write_dataset` consumes a stream of
 tables of whole episodes and never holds more than one input table plus one row group, writes
 into `<out>.tmp-<pid>/` beside the destination, fsyncs every file, then renames: a crash or an
 error never leaves a partial dataset under the final name.
