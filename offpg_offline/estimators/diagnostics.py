@@ -21,6 +21,7 @@ from offpg_offline.estimators.weights import (
     ClipModeName,
     check_clip,
     cumulative_log_weight,
+    kish_ess,
     log_ratio,
 )
 
@@ -37,16 +38,14 @@ def _check_log_weights(log_weights: Tensor) -> None:
 def ess_fraction(log_weights: Tensor) -> float:
     r"""Effective sample size as a fraction of N: (Σ w)² / (N Σ w²), in (0, 1] (Kong 1992).
 
-    Computed as exp(2·logsumexp(log w) − logsumexp(2 log w) − log N). Equals 1 when all
-    weights are equal and 1/N when one weight dominates.
+    `weights.kish_ess` (the one ESS, in log space) divided by N. Equals 1 when all weights are
+    equal and 1/N when one weight dominates.
 
     Args:
         log_weights: [N] log importance weights.
     """
     _check_log_weights(log_weights)
-    lw = log_weights.detach().double()
-    value = 2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0) - math.log(lw.shape[0])
-    return float(value.exp())
+    return kish_ess(log_weights) / log_weights.shape[0]
 
 
 def weight_quantiles(log_weights: Tensor, quantiles: tuple[float, ...] = QUANTILES) -> list[float]:

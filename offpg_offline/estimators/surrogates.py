@@ -25,6 +25,16 @@ G_t = Σ_{t'≥t} γ^{t'-t} r_{t'}, N = number of episodes in the batch.
   multiplies ∇log π_t — the truncated-IS form of Wawrzyński 2009 / Espeholt et al. 2018).
 * PSIS replaces w by w·sg(w̃/w): the smoothed value w̃ of Vehtari et al. (2024), with the raw
   weight's gradient direction.
+* Baselines and clipping. A baseline b(s_t) adds no bias only while the factor that multiplies
+  ∇log π_t b(s_t) has β-expectation independent of θ, i.e. while the current step's factor is
+  exactly ρ_t. Clipping (`clip`, either mode) and PPO (`ppo_epsilon`) break this: the clipped
+  factor min(ρ_t, c) has gradient ρ_t·1[ρ_t < c]·∇log π_t, so the baseline shifts the expected
+  gradient by −Σ_t γ^t E_{s_t∼β}[b(s_t) Σ_a π(a|s_t) 1[ρ ≥ c] ∇log π(a|s_t)] (per-step; the
+  product estimators analogously). It is biased exactly when some action with π/β ≥ c (or
+  outside PPO's band) has positive π-probability at a state with b ≠ 0; at θ = β (ρ = 1) it is
+  not. We keep the clipped baseline (it lowers variance, and the default configuration was
+  measured with it) and state the bias; tests/test_estimators.py measures it by exact
+  enumeration on a tabular MDP (max |Δ∇| 0.06–0.55 at c = 1.2, ε = 0.2).
 """
 
 from __future__ import annotations
@@ -189,8 +199,10 @@ def trajectory_surrogate(
     Options: `clip` caps each ρ_t ("step") or w_{1:T} ("cumulative"); `self_normalize` divides by
     the batch mean of w_{1:T} (weighted IS, not detached: −L is the WIS estimate and its gradient
     the gradient of WIS — consistent, O(1/N) bias); `baseline` b is taken at each episode's first
-    row (a float, or b(s_0) from an [M] tensor) and subtracted from R_i — unbiased because
-    E_β[w_{1:T} b(s_0)] = E[b(s_0)] does not depend on θ; `standardize_returns` standardises
+    row (a float, or b(s_0) from an [M] tensor) and subtracted from R_i — unbiased without
+    clip, PSIS or self-normalisation because E_β[w_{1:T} b(s_0)] = E[b(s_0)] does not depend on
+    θ; with `clip` (either mode) E_β[w̄_{1:T} | s_0] does, and the baseline biases the gradient
+    by E_β[∇w̄_{1:T} b(s_0)] (module docstring); `standardize_returns` standardises
     R_i − b over the batch's episodes; `psis` Pareto-smooths the N episode weights;
     `ppo_epsilon` raises ValueError (no per-step ratio to clip); `returns` [M], when given,
     supplies R_i as the value at each episode's first row.
@@ -267,7 +279,10 @@ def per_decision_surrogate(
     w_{1:t} by n_t, the mean over the batch's N episodes of w_{1:t} (ended episodes carry their
     final weight) — weighted PDIS, normaliser not detached; `baseline` b(s_t) enters as the
     control variate γ^t (w_{1:t} − w_{1:t−1}) b(s_t), whose expectation under β is 0 for every
-    θ, so the gradient stays unbiased; at θ = β the gradient is Σ_t γ^t ∇log π_t (G_t − b_t),
+    θ, so the gradient stays unbiased — without clip: with clipped weights w̄ its expectation
+    w̄_{1:t−1}(E_β[min(ρ_t, c) | s_t] − 1) b(s_t) depends on θ wherever some action has ρ ≥ c,
+    and the baseline biases the gradient (module docstring);
+    at θ = β the gradient is Σ_t γ^t ∇log π_t (G_t − b_t),
     REINFORCE with a baseline; `standardize_returns` adds the batch mean of G_t − b_t to the
     baseline (same control variate) and divides the loss by its std; `psis` Pareto-smooths all
     M cumulative weights as one sample; `ppo_epsilon` and `returns` raise ValueError.
@@ -338,7 +353,8 @@ def past_weight_surrogate(
     Gradient: −(1/N) Σ Σ_t γ^t w_{1:t} ∇log π_θ(a_t|s_t) (G_t − b_t). Biased for θ ≠ β (the
     future weights w_{t+1:t'} on the rewards in G_t are dropped) — a policy-iteration-style
     improvement direction (seed; Levine, CS285 lecture 5); exact in expectation at θ = β. The
-    baseline adds no bias: E_β[w_{1:t} ∇log π_t b(s_t)] = 0.
+    baseline adds no bias without clip or PPO: E_β[w_{1:t} ∇log π_t b(s_t)] = 0; with them the
+    current step's factor is no longer ρ_t and it does (module docstring).
 
     Options: `clip` caps ρ_t ("step") or w_{1:t} ("cumulative") in the constant coefficient
     (the capped coefficient still multiplies ∇log π_t); `self_normalize` divides w_{1:t} by n_t,
@@ -415,7 +431,10 @@ def per_step_surrogate(
     the change of state distribution and the future weights, with error bounded when π_θ stays
     close to π_β (seed; Levine, CS285 lecture 5; the surrogate of TRPO/PPO, Schulman et al.
     2015/2017). At θ = β it is exactly the on-policy REINFORCE gradient with reward-to-go.
-    The baseline adds no bias: E_{a~β}[ρ ∇log π_θ] = 0. The loss is the mean over episodes of
+    The baseline adds no bias without clip or PPO: E_{a~β}[ρ ∇log π_θ] = 0; with clip c it adds
+    −Σ_t γ^t E_{s_t∼β}[b(s_t) Σ_a π(a|s_t) 1[ρ ≥ c] ∇log π(a|s_t)] to the expected gradient
+    (exact closed form, tested), and with PPO a bias of the same kind (module docstring).
+    The loss is the mean over episodes of
     the per-episode sum, so its scale matches the other estimators. When rows are single steps
     drawn from many episodes, pass precomputed `returns` and `episode_start` all True: the loss
     is then the per-step mean (the episode scale divided by the mean episode length).
