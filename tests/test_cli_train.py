@@ -175,6 +175,8 @@ def test_clip_none_trains_unclipped_and_its_config_reruns_unclipped(workdir: Pat
         (["--select-by", "wis", "--val-fraction", "0"],
          "error: --select-by needs a validation split: set val_fraction > 0"),
         (["--out-dir", "a-file"], "error: --out-dir a-file is a file, not a folder"),
+        (["--estimator", "per-decision", "--ppo-epsilon", "0.2"],
+         "error: option ppo_epsilon=0.2 is not supported by the per-decision estimator"),
         (["--out-dir", "a-file/sub"], "error: --out-dir a-file/sub cannot be created: a-file is"),
     ],
 )

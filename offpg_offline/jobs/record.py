@@ -140,9 +140,11 @@ def train_run(dataset: Path, run: RunConfig, out_dir: Path | None) -> tuple[str,
     Checkpoints go to `out_dir`, else `runs/RUN_ID`; unsent metrics are kept beside them.
     """
     from offpg_offline import tracking
+    from offpg_offline import train as train_job
     from offpg_offline.data.card import verify_parts
     from offpg_offline.data.store import read_card
 
+    train_job.surrogate_options(run.train)  # an option the estimator ignores: refused, no run
     card = read_card(dataset, allow_env_entry_point=run.train.allow_env_entry_point)
     verify_parts(dataset, card, full_hash=run.train.verify)  # before anything is recorded
     with tracking.MlflowTracker.start(

@@ -88,8 +88,11 @@ def run_sweep(dataset: Path, base: RunConfig, configs: list[TrainConfig], *, gri
     `out_dir/RUN_ID` (default `runs/RUN_ID`). `progress` gets one line per child.
     """
     from offpg_offline import tracking
+    from offpg_offline import train as train_job
     from offpg_offline.data.store import read_card
 
+    for config in configs:  # an option an estimator ignores: refused before any run starts
+        train_job.surrogate_options(config)
     card = read_card(dataset)
     name = str(card.get("name", dataset.name))
     estimators = list(dict.fromkeys(c.estimator.value for c in configs))
