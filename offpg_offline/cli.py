@@ -17,6 +17,7 @@ import typer
 
 from offpg_offline.cli_options import OneLineErrors, config_options, print_error
 from offpg_offline.config import (
+    SELECT_ESTIMATORS,
     ConfigError,
     EstimatorName,
     FitConfig,
@@ -368,7 +369,7 @@ def behavior_fit(
 
 # --- evaluate command ---
 
-_OPE_NAMES = ("is", "wis", "pdis", "wpdis", "dr", "wdr", "fqe")  # = ope.ESTIMATE_NAMES (tested)
+_OPE_NAMES = SELECT_ESTIMATORS  # the one OPE name list; == ope.ESTIMATE_NAMES (tested)
 
 
 @app.command()
@@ -391,7 +392,7 @@ def evaluate(
     online: Annotated[int, typer.Option(
         help="Also roll out N seeded episodes when the env can be built (0: none).")] = 0,
     estimators: Annotated[str, typer.Option(
-        help="Comma-separated subset of is,wis,pdis,wpdis,dr,wdr,fqe.")] = ",".join(_OPE_NAMES),
+        help=f"Comma-separated subset of {','.join(_OPE_NAMES)}.")] = ",".join(_OPE_NAMES),
     gamma: Annotated[float | None, typer.Option(
         help="Discount γ of OPE and of the discounted online return (default: the run's).")
     ] = None,
