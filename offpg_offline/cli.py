@@ -480,6 +480,10 @@ def _print_comparison(experiment: str, experiment_id: str, runs: list[Any], metr
 
 
 @app.command()
+@config_options(TrackingConfig, into="tracking_options", panel="Tracking",
+                exclude=frozenset({"run_name"}))
+@config_options(TrainConfig, into="train_options", panel="Training (every run)",
+                exclude=frozenset({"estimator", "seed"}))
 def sweep(
     dataset: Annotated[Path, typer.Argument(help="Dataset folder (offpg ingest output).")],
     estimator: Annotated[str, typer.Option(
@@ -488,16 +492,19 @@ def sweep(
     grid: Annotated[list[str] | None, typer.Option(
         help="KEY=V1,V2 over a train setting (e.g. lr=1e-3,1e-2, clip=2,none); repeatable "
              "(Cartesian product). A single value just sets it.")] = None,
-    steps: Annotated[int | None, typer.Option(help="Gradient steps of each run.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML run config all runs start from.")
                       ] = None,
-    experiment: Annotated[str | None, typer.Option(help="MLflow experiment name.")] = None,
     metric: Annotated[str, typer.Option(help="Metric ranking the summary.")
                       ] = "online/return_mean",
     out_dir: Annotated[Path | None, typer.Option(
         help="Checkpoint folder (one sub-folder per run).")] = None,
+    *,
+    train_options: dict[str, Any],
+    tracking_options: dict[str, Any],
 ) -> None:
-    """Train every estimator × grid cell × seed as child runs of one parent MLflow run."""
+    """Train every estimator × grid cell × seed as child runs of one parent MLflow run.
+
+    The training options set every run (a --grid over the same key wins)."""
     try:
         estimators = [EstimatorName(e.strip()) for e in estimator.split(",") if e.strip()]
     except ValueError as err:
@@ -513,8 +520,7 @@ def sweep(
     except ValueError as err:
         fail(str(err))
     varied = [key for key, values in axes if len(values) > 1]
-    base = _resolve(config, {} if steps is None else {"steps": steps},
-                    {} if experiment is None else {"experiment": experiment})
+    base = _resolve(config, train_options, tracking_options)
     try:
         configs = sweeps.plan(base.train, estimators, seed_list, axes)
     except ValueError as err:
