@@ -348,3 +348,22 @@ def test_upload_metrics_refuses_artifacts_outside_the_run_folder(
     result = CliRunner().invoke(app, ["upload-metrics", str(run_dir)])
     assert result.exit_code == 0, result.output
     assert [a.path for a in client.list_artifacts(tracker.run_id)] == ["checkpoints"]
+
+
+def test_errors_that_are_not_the_stores_are_raised_not_kept(tmp_path: Path) -> None:
+    # The fallback is for a failing store only: a request the store refuses, or a file that
+    # does not exist, is the caller's error and must surface, not vanish into a file.
+    from offpg_offline.config import TrackingConfig
+
+    config = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db")
+    with (pytest.raises(tracking.MlflowException, match="Changing param values is not allowed"),
+          tracking.MlflowTracker.start(config, experiment="e", run_name="r") as tracker):
+        tracker.fallback_dir = tmp_path / "run"
+        tracker.log_params({"lr": 0.1})
+        tracker.log_params({"lr": 0.2})
+    with (pytest.raises(FileNotFoundError),
+          tracking.MlflowTracker.start(config, experiment="e", run_name="r2") as second):
+        second.fallback_dir = tmp_path / "run"
+        second.log_artifact(tmp_path / "missing.txt")
+    assert tracker.lost is None and second.lost is None
+    assert not (tmp_path / "run").exists()
