@@ -248,3 +248,20 @@ def test_behavior_fit_option_errors_name_the_option(workdir: Path) -> None:
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: --floor must be a finite number, got nan"
     assert not (workdir / "x").exists()
+
+
+def test_a_newline_in_a_file_name_stays_on_the_one_error_line(workdir: Path) -> None:
+    odd = workdir / "line one\nline two\x1b[31m"
+    odd.mkdir()
+    result = CliRunner().invoke(app, ["train", str(odd)])
+    assert result.exit_code == 2
+    (only,) = result.stderr.splitlines()
+    assert "line one\\nline two\\x1b[31m is not a dataset folder" in only
+
+
+def test_a_usage_error_is_one_line_naming_the_option(workdir: Path) -> None:
+    result = CliRunner().invoke(app, ["train", str(DATASETS / "cartpole-weak"), "--lr", "fast"])
+    assert result.exit_code == 2
+    (only,) = result.stderr.splitlines()  # not click's usage panel
+    assert only.startswith("error: Invalid value for '--lr': 'fast' is not a valid float (see `")
+    assert only.endswith(" train --help`)")  # the program name is CliRunner's here
