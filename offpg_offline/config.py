@@ -1,5 +1,12 @@
 """Job configurations: frozen, validated when built, loaded from TOML, every field logged.
 
+Each field is declared with `option(default, help, bounds...)`: the help text and bounds live
+beside the field, and the CLI generates its options from them (`cli_options.config_options`).
+`validate` is the one validation layer (types, finite floats, 64-bit ints, bounds; errors are
+`ConfigError`s naming the field), run by every config's `__post_init__`, so the CLI, TOML files
+and the Python API are checked alike before any work starts. `parse_value` is the one parser of
+command-line text, `coerce_value` reads TOML values. See docs/design.md.
+
 Only the standard library is imported here, so `offpg --help` does not load torch.
 """
 
@@ -20,7 +27,7 @@ from typing import Any, TypeVar
 
 
 class EstimatorName(StrEnum):
-    """The four surrogates of DESIGN.md §3; `estimators.ESTIMATORS` has one function per name."""
+    """The four surrogates of docs/design.md; `estimators.ESTIMATORS` has one spec per name."""
 
     TRAJECTORY = "trajectory"
     PER_DECISION = "per-decision"
