@@ -71,7 +71,9 @@ def _metavar(cls: type, key: str) -> str:
     choices = cls.__dataclass_fields__[key].metadata.get("choices")  # type: ignore[attr-defined]
     if isinstance(base, type) and issubclass(base, Enum):
         choices = tuple(str(member.value) for member in base)
-    name = ("SIZES" if is_tuple else "[" + "|".join(choices) + "]" if choices
+    if is_tuple:
+        return "SIZES" if base is int else ",".join(choices) if choices else "A,B,..."
+    name = ("[" + "|".join(choices) + "]" if choices
             else {int: "INTEGER", float: "FLOAT"}.get(base, "TEXT"))
     return name + ("|none" if optional else "")
 

@@ -394,14 +394,15 @@ def validate(config: Any) -> None:
                 continue
             raise ConfigError(f.name, "must be set, got none", flag=flag)
         if is_tuple:
+            items = "sizes" if base is int else "items"
             if not isinstance(value, tuple) or not 1 <= len(value) <= 64:
                 raise ConfigError(
-                    f.name, f"must be a list of 1 to 64 sizes, got {_shown(value)}", flag=flag
+                    f.name, f"must be a list of 1 to 64 {items}, got {_shown(value)}", flag=flag
                 )
             for item in value:
                 problem = _scalar_problem(base, item, f.metadata)
                 if problem:
-                    raise ConfigError(f.name, f"sizes {problem}", flag=flag)
+                    raise ConfigError(f.name, f"{items} {problem}", flag=flag)
             continue
         problem = _scalar_problem(base, value, f.metadata)
         if problem:
@@ -423,10 +424,9 @@ def coerce_value(cls: type, key: str, value: Any) -> Any:
     if optional and (value is None or _none_word(value)):
         return None
     if is_tuple:
-        if not isinstance(value, list | tuple) or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value
-        ):
-            raise ConfigError(key, f"must be a list of integers, got {_shown(value)}", flag=flag)
+        if not isinstance(value, list | tuple) or any(_type_problem(base, v) for v in value):
+            kind = "integers" if base is int else "strings" if base is str else base.__name__
+            raise ConfigError(key, f"must be a list of {kind}, got {_shown(value)}", flag=flag)
         return tuple(value)
     if isinstance(base, type) and issubclass(base, StrEnum) and isinstance(value, str):
         try:
@@ -448,15 +448,17 @@ def parse_value(cls: type, key: str, text: str) -> Any:
     """Command-line text of field `key` (an option, `--grid`, `--set`) as the field's type.
 
     The single text parser: `none` is None for optional fields, sizes read `64,64` or `64x64`,
-    booleans true/false/yes/no/1/0; range checks are left to `validate`.
+    lists of strings `a,b`, booleans true/false/yes/no/1/0; range checks are left to `validate`.
     """
     base, optional, is_tuple = field_types(cls)[key]
     flag = cls.__dataclass_fields__[key].metadata.get("flag")  # type: ignore[attr-defined]
     if optional and _none_word(text):
         return None
     try:
-        if is_tuple:
+        if is_tuple and base is int:
             return tuple(int(size) for size in text.replace("x", ",").split(","))
+        if is_tuple:  # a list of strings: comma-separated
+            return tuple(item.strip() for item in text.split(",") if item.strip())
         if base is bool:
             return _WORDS[text.strip().lower()]
         if base is int:

@@ -221,3 +221,31 @@ def test_fit_config_uses_the_same_validation(key: str, value: object, words: str
     with pytest.raises(ConfigError, match=None) as caught:
         FitConfig(**{key: value})
     assert words in str(caught.value)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ListConfig:
+    """A job config with a list-of-strings field (as evaluate's estimator subset)."""
+
+    names: tuple[str, ...] = dataclasses.field(
+        default=("is", "wis"), metadata={"help": "h", "choices": ("is", "wis", "dr")})
+    level: float | None = dataclasses.field(default=None, metadata={"help": "h", "gt": 0.0,
+                                                                     "lt": 1.0})
+
+    def __post_init__(self) -> None:
+        from offpg_offline.config import validate
+
+        validate(self)
+
+
+def test_list_of_string_fields_parse_validate_and_name_the_item() -> None:
+    assert parse_value(_ListConfig, "names", "dr, is") == ("dr", "is")
+    with pytest.raises(ConfigError, match=r"^names items must be one of is, wis, dr, got 'x'$"):
+        _ListConfig(names=("is", "x"))
+    with pytest.raises(ConfigError, match=r"^level must lie in \(0, 1\), got 1.5$"):
+        _ListConfig(level=1.5)
+    from offpg_offline.config import coerce_value
+
+    assert coerce_value(_ListConfig, "names", ["dr"]) == ("dr",)
+    with pytest.raises(ConfigError, match="names must be a list of strings, got"):
+        coerce_value(_ListConfig, "names", [1])
