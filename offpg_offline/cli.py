@@ -68,10 +68,11 @@ def _resolve(config: Path | None, train_options: dict[str, Any],
         fail(err.as_option() if given or config is None else f"{config}: {err}")
 
 
-def _check_output(out_dir: Path | None) -> None:
+def _check_output(out_dir: Path | None, option: str = "--out-dir") -> None:
+    """Refuse an output folder that is a file or not writable, before any work."""
     if out_dir is not None:
         try:
-            check_output_folder(out_dir, "--out-dir")
+            check_output_folder(out_dir, option)
         except ValueError as err:
             fail(str(err))
 
@@ -357,6 +358,7 @@ def behavior_fit(
         fail(err.as_option())
     if not _has_card(dataset):
         fail(f"{dataset} is not a dataset folder (no _dataset.json); make one with `offpg ingest`")
+    _check_output(out, "--out")
     try:
         run_id, report = record.fit_run(dataset, config, out=out, in_place=in_place,
                                         experiment=experiment, track=track, progress=typer.echo)
