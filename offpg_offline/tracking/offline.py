@@ -23,6 +23,7 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
@@ -131,7 +132,7 @@ def store_writable(uri: str) -> bool:
     if path is None:
         return False
     try:
-        with sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=0.5) as db:
+        with sqlite3.connect(f"file:{quote(str(path))}?mode=rw", uri=True, timeout=0.5) as db:
             db.execute("BEGIN IMMEDIATE")
             db.rollback()
     except sqlite3.Error:
