@@ -377,7 +377,12 @@ def _check_footer(file: Path, metadata: Any, card: Mapping[str, Any], i: int) ->
     if metadata.num_rows != entry["rows"]:
         raise _part_fail(file, f"it holds {metadata.num_rows} rows, but files[{i}].rows says "
                                f"{entry['rows']}")
-    schema = metadata.schema.to_arrow_schema()
+    _check_types(file, metadata.schema.to_arrow_schema(), card)
+    _check_action_range(file, metadata, card)
+
+
+def _check_types(file: Path, schema: Any, card: Mapping[str, Any]) -> None:
+    """The shard's columns are schema v1's, with the widths and action type of the card."""
     expected = sc.make_schema(obs_width(card), action_width(card))
     if schema.names != expected.names:
         raise _part_fail(file, f"its columns are {', '.join(schema.names)}, not schema "
@@ -385,9 +390,16 @@ def _check_footer(file: Path, metadata: Any, card: Mapping[str, Any], i: int) ->
     for field in expected:
         actual = schema.field(field.name).type
         if actual != field.type:
-            space = "action_space" if field.name == sc.ACTION else "observation_space"
+            needs = {sc.ACTION: "the card's action_space", sc.OBS: "the card's observation_space",
+                     sc.NEXT_OBS: "the card's observation_space"}.get(
+                         field.name, f"schema v{sc.SCHEMA_VERSION}")
             raise _part_fail(file, f"column '{field.name}' holds {sc.type_name(actual)}, but "
-                                   f"the card's {space} needs {sc.type_name(field.type)}")
+                                   f"{needs} needs {sc.type_name(field.type)}")
+
+
+def _check_action_range(file: Path, metadata: Any, card: Mapping[str, Any]) -> None:
+    """Row-group min/max statistics of `action` inside the card's Discrete range / Box bounds."""
+    schema = metadata.schema.to_arrow_schema()
     space = card["action_space"]
     low: float
     high: float
@@ -444,6 +456,25 @@ def verify_parts(dataset_dir: Path, card: Mapping[str, Any], *, full_hash: bool 
         except (pa.ArrowException, OSError):
             raise _part_fail(file, "it is not a readable Parquet file") from None
         _check_footer(file, metadata, card, i)
+
+
+def check_part_types(dataset_dir: Path, card: Mapping[str, Any]) -> None:
+    """Only the column types of the shards whose footer can be read (`info` calls this when a
+    shard fails to stream, to name the column; an unreadable shard is its caller's message).
+
+    Raises:
+        DataError: one sentence naming the shard and the column.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for entry in card["files"]:
+        file = Path(dataset_dir) / entry["name"]
+        try:
+            schema = pq.read_schema(file)
+        except (pa.ArrowException, OSError):
+            continue
+        _check_types(file, schema, card)
 
 
 def check_batch_finite(batch: Any, dataset: Path) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow as pa
 
 from offpg_offline.data import schema as sc
-from offpg_offline.data.card import verify_parts
+from offpg_offline.data.card import check_part_types, verify_parts
 from offpg_offline.data.store import (
     StatsAccumulator,
     iter_record_batches,
@@ -48,7 +48,8 @@ def dataset_info(path: Path, *, verify: bool = False) -> dict[str, Any]:
         try:
             for batch in iter_record_batches(path, _STAT_COLUMNS):
                 stats.update(batch)
-        except (pa.ArrowException, OSError) as err:
+        except (pa.ArrowException, OSError, ValueError, TypeError, KeyError) as err:
+            check_part_types(path, card)  # a column of another type: names shard and column
             raise sc.DataError(f"{path}: a shard cannot be read ({_first_line(err)}); run "
                                f"offpg info --verify to check the files against the card."
                                ) from None

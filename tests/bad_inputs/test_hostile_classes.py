@@ -277,7 +277,7 @@ def _parts_lie(edit: Callable[[Path, dict[str, Any]], None], *extra: str,
         _write_card(ds, card)
         if command == "train":
             return ["train", str(ds), "--steps", "1", *extra]
-        return ["info", str(ds), "--verify"]
+        return ["info", str(ds)] if command == "info-plain" else ["info", str(ds), "--verify"]
 
     return build
 
@@ -329,6 +329,16 @@ def _inf_reward(ds: Path, card: dict[str, Any]) -> None:
     _rewrite(ds, card, "reward", math.inf)
 
 
+def _reward_strings(ds: Path, card: dict[str, Any]) -> None:
+    """The shard's reward column rewritten as text (before: numpy's "could not convert")."""
+    shard = ds / card["files"][0]["name"]
+    table = pq.read_table(shard)
+    table = table.set_column(table.schema.get_field_index("reward"), "reward",
+                             pa.array(["a"] * table.num_rows))
+    pq.write_table(table, shard)
+    card["files"][0]["bytes"] = shard.stat().st_size
+
+
 def _truncated(ds: Path, card: dict[str, Any]) -> None:
     shard = ds / card["files"][0]["name"]
     shard.write_bytes(shard.read_bytes()[:200])
@@ -350,6 +360,10 @@ def parts_lie_cases() -> list[Case]:
         Case("parts-inf-reward-verify", _parts_lie(_inf_reward, "--verify"),
              ("part-00000.parquet", "sha256")),
         Case("parts-truncated", _parts_lie(_truncated), ("part-00000.parquet", "Parquet")),
+        Case("parts-reward-strings", _parts_lie(_reward_strings),
+             ("part-00000.parquet", "'reward'", "string")),
+        Case("parts-reward-strings-info", _parts_lie(_reward_strings, command="info-plain"),
+             ("part-00000.parquet", "'reward'", "string")),
         Case("parts-obs-width-info", _parts_lie(_obs_width, command="info"),
              ("part-00000.parquet", "'obs'"), report=True),
         Case("parts-discrete-n-info", _parts_lie(_discrete_n, command="info"),
