@@ -413,7 +413,7 @@ def evaluate(
 
     A run's evaluation is logged as a nested MLflow run under it (its metrics are untouched).
     """
-    from offpg_offline.config import EvaluateConfig
+    from offpg_offline.config import ConfigError, EvaluateConfig
 
     names = tuple(name.strip() for name in estimators.split(",") if name.strip())
     unknown = sorted(set(names) - set(_OPE_NAMES))
@@ -425,9 +425,8 @@ def evaluate(
             estimators=names, gamma=gamma, propensity=propensity, checkpoint=checkpoint,
             split=split, n_boot=n_boot, level=level, delta=delta,
             fqe_iterations=fqe_iterations, seed=seed, online=online, env=env)
-    except ValueError as err:
-        fail(f"{err} (check --level, --delta, --n-boot, --checkpoint, --split, --gamma, "
-             f"--online)")
+    except ValueError as err:  # a ConfigError names the option
+        fail(err.as_option() if isinstance(err, ConfigError) else str(err))
 
     from offpg_offline.jobs import evaluate as job
     from offpg_offline.jobs.evaluate import show_evaluation

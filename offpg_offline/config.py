@@ -560,63 +560,45 @@ _CHECKPOINT_CHOICES = "shipped, final, selected or step-N"
 
 @dataclass(frozen=True, slots=True)
 class EvaluateConfig:
-    """What `offpg evaluate` computes (the target, dataset and output format are arguments)."""
+    """What `offpg evaluate` computes (the target, dataset and output format are arguments);
+    docs/design.md, "Evaluation". Each field is logged as a param of the evaluation run."""
 
-    estimators: tuple[str, ...] = field(
-        default=SELECT_ESTIMATORS,
-        metadata={"help": "OPE estimators, a subset of is,wis,pdis,wpdis,dr,wdr,fqe."},
+    estimators: tuple[str, ...] = option(
+        SELECT_ESTIMATORS, "OPE estimators, a subset of is,wis,pdis,wpdis,dr,wdr,fqe.",
+        choices=SELECT_ESTIMATORS,
     )
-    gamma: float | None = field(
-        default=None, metadata={"help": "Discount γ of OPE and of the discounted online return "
-                                        "(default: the run's, else 0.99)."}
+    gamma: float | None = option(
+        None, "Discount γ of OPE and of the discounted online return (default: the run's, "
+        "else 0.99).", ge=0.0, le=1.0,
     )
-    propensity: Propensity | None = field(
-        default=None, metadata={"help": "Column holding log π_β (default: the run's)."}
+    propensity: Propensity | None = option(
+        None, "Column holding log π_β (default: the run's)."
     )
-    checkpoint: str = field(
-        default="shipped",
-        metadata={"help": "Which checkpoint of a run: shipped (selected.pt when selection ran, "
-                          "else final.pt), final, selected or step-N."},
+    checkpoint: str = option(
+        "shipped", "Which checkpoint of a run or folder: shipped (selected.pt when selection "
+        "ran, else final.pt), final, selected or step-N.",
     )
-    split: str | None = field(
-        default=None,
-        metadata={"help": "validation: the episodes the run held out (recorded ids); all: every "
-                          "episode (default: validation, or all with --dataset)."},
+    split: str | None = option(
+        None, "validation: the episodes the run held out (the ids it recorded); all: every "
+        "episode (default: validation, or all with --dataset).", choices=("validation", "all"),
     )
-    n_boot: int = field(default=1000, metadata={"help": "Bootstrap resamples over episodes."})
-    level: float = field(default=0.95, metadata={"help": "Coverage of the bootstrap interval."})
-    delta: float = field(default=0.05, metadata={"help": "HCOPE bounds hold w.p. ≥ 1 − delta."})
-    fqe_iterations: int | None = field(
-        default=None, metadata={"help": "FQE Bellman backups (default: FQEConfig's)."}
+    n_boot: int = option(1000, "Bootstrap resamples over episodes.", ge=2)
+    level: float = option(0.95, "Coverage of the bootstrap interval.", gt=0.0, lt=1.0)
+    delta: float = option(0.05, "HCOPE bounds hold w.p. ≥ 1 − delta.", gt=0.0, lt=1.0)
+    fqe_iterations: int | None = option(
+        None, "FQE Bellman backups (default: FQEConfig's).", ge=1
     )
-    seed: int = field(default=0, metadata={"help": "Seed of the bootstrap, critic and rollouts."})
-    online: int = field(
-        default=0, metadata={"help": "Also roll out N seeded episodes when the env can be built."}
+    seed: int = option(0, "Seed of the bootstrap, critic and rollouts.")
+    online: int = option(
+        0, "Also roll out N seeded episodes when the env can be built (0: none).", ge=0
     )
-    env: str | None = field(
-        default=None, metadata={"help": "gymnasium env id (default: the card's env spec)."}
-    )
+    env: str | None = option(None, "gymnasium env id (default: the card's env spec).")
 
     def __post_init__(self) -> None:
-        names = SELECT_ESTIMATORS
-        unknown = sorted(set(self.estimators) - set(names))
-        if unknown or not self.estimators:
-            raise ValueError(f"estimators: unknown {', '.join(unknown) or '(empty)'}; "
-                             f"choose from {','.join(names)}")
-        if self.gamma is not None and not 0.0 <= self.gamma <= 1.0:
-            raise ValueError(f"gamma must lie in [0, 1], got {self.gamma}")
-        if not 0.0 < self.level < 1.0 or not 0.0 < self.delta < 1.0:
-            raise ValueError("level and delta must lie in (0, 1)")
-        if self.n_boot < 2:
-            raise ValueError(f"n_boot must be at least 2, got {self.n_boot}")
-        if self.online < 0:
-            raise ValueError(f"online must be 0 or more episodes, got {self.online}")
-        if self.fqe_iterations is not None and self.fqe_iterations < 1:
-            raise ValueError(f"fqe_iterations must be at least 1, got {self.fqe_iterations}")
-        if self.split not in (None, "validation", "all"):
-            raise ValueError(f"split must be validation or all, got {self.split!r}")
+        validate(self)
         step = self.checkpoint.removeprefix("step-")
         if self.checkpoint not in ("shipped", "final", "selected") and not (
             self.checkpoint.startswith("step-") and step.isdigit()
         ):
-            raise ValueError(f"checkpoint must be {_CHECKPOINT_CHOICES}, got {self.checkpoint!r}")
+            raise ConfigError("checkpoint", f"must be {_CHECKPOINT_CHOICES}, got "
+                              f"{self.checkpoint!r}")

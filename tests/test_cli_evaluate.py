@@ -193,6 +193,12 @@ def test_evaluate_names_the_bad_argument(tmp_path: Path, monkeypatch: pytest.Mon
     result = runner.invoke(app, ["evaluate", str(tmp_path), "--checkpoint", "best",
                                  "--dataset", str(DATASET)])
     assert result.exit_code == 2 and "step-N" in result.output
+    for option, value in (("--level", "1.5"), ("--n-boot", "1"), ("--split", "train"),
+                          ("--online", "-1"), ("--gamma", "1.2")):
+        result = runner.invoke(app, ["evaluate", str(path), "--dataset", str(DATASET),
+                                     option, value])
+        assert result.exit_code == 2 and f"{option} must" in result.output, result.output
+        assert "Traceback" not in result.output
 
 
 def test_a_folder_evaluates_its_shipped_checkpoint_and_says_which(tmp_path: Path) -> None:
