@@ -27,12 +27,13 @@ from typing import Any, TypeVar
 
 
 class EstimatorName(StrEnum):
-    """The four surrogates of docs/design.md; `estimators.ESTIMATORS` has one spec per name."""
+    """The surrogates of docs/design.md; `estimators.ESTIMATORS` has one spec per name."""
 
     TRAJECTORY = "trajectory"
     PER_DECISION = "per-decision"
     PAST_WEIGHT = "past-weight"
     PER_STEP = "per-step"
+    CRITIC = "critic"
 
 
 class Propensity(StrEnum):
@@ -55,6 +56,14 @@ class Baseline(StrEnum):
     NONE = "none"
     CONSTANT = "constant"
     VALUE = "value"
+
+
+class DiscountWeighting(StrEnum):
+    """Whether step t's gradient term carries γ^t (the unbiased discounted gradient) or not."""
+
+    AUTO = "auto"
+    DISCOUNTED = "discounted"
+    UNDISCOUNTED = "undiscounted"
 
 
 class PolicyKind(StrEnum):
@@ -133,6 +142,13 @@ class TrainConfig:
         None, "PPO-style clip of ρ_t to [1-ε, 1+ε] (per-step); none: off.", gt=0.0, lt=1.0
     )
     psis: bool = option(False, "Pareto-smooth the importance weights.")
+    discount_weighting: DiscountWeighting = option(
+        DiscountWeighting.AUTO,
+        "γ^t on step t's gradient term (step estimators per-step, critic): discounted (the "
+        "unbiased gradient of the discounted return) or undiscounted (drop γ^t, as most "
+        "deep-RL code); auto: undiscounted for step estimators, discounted for the others "
+        "(which refuse undiscounted).",
+    )
     init: Init = option(Init.BC, "Start from random weights or BC.")
     bc_steps: int = option(300, "Gradient steps of behavior cloning for --init bc.", ge=0)
     val_fraction: float = option(

@@ -41,6 +41,7 @@ from offpg_offline.training.checkpoints import (
     on_cpu,
     save_checkpoint,
 )
+from offpg_offline.training.critic import check_discount_weighting
 from offpg_offline.training.monitor import (
     Progress,
     final_log_weights,
@@ -390,6 +391,7 @@ def surrogate_options(config: TrainConfig) -> estimators.SurrogateOptions:
         standardize_returns=config.standardize_returns,
     )
     estimators.ESTIMATORS[config.estimator.value].check(config.estimator.value, options)
+    check_discount_weighting(config)
     return options
 
 

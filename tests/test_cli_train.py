@@ -203,7 +203,7 @@ def test_every_option_reaches_the_recorded_config(workdir: Path) -> None:
         "val_fraction": "0.25", "seed": "5", "threads": "1", "device": "cpu",
         "memory_budget": "1.5", "shuffle_buffer_episodes": "16", "log_every": "2",
         "checkpoint_every": "2", "eval_every": "2", "eval_episodes": "1", "select_by": "wis",
-        "env": "CartPole-v1",
+        "env": "CartPole-v1", "discount_weighting": "discounted",
     }
     flags = {"self_normalize": True, "standardize_returns": True, "psis": True,
              "stream": False, "verify": True, "allow_env_entry_point": False}

@@ -20,6 +20,7 @@ from offpg_offline.estimators import (
 )
 from offpg_offline.estimators import (
     SurrogateOptions,
+    critic_surrogate,
     cumulative_log_weight,
     discounted_returns,
     episode_sum,
@@ -159,6 +160,8 @@ def _ref_loss(name: str, log: dict[str, Tensor], *, gamma: float, clip: float | 
             g = float(rew[i]) + gamma * g
             out.insert(0, g)
         ret += out
+    if name == "critic":  # the reward column is the critic's Q̂(s_t, a_t): not summed
+        ret = [float(rew[i]) for i in range(m)]
     adv = [ret[i] - base[i] for i in range(m)]
 
     def standardized(values: list[float]) -> tuple[float, float]:
@@ -214,7 +217,7 @@ def _ref_loss(name: str, log: dict[str, Tensor], *, gamma: float, clip: float | 
                     total = total - disc[i] * prev * torch.minimum(
                         r * adv[i], r.clamp(1 - ppo_epsilon, 1 + ppo_epsilon) * adv[i])
         return total / n
-    assert name == "per-step"
+    assert name in ("per-step", "critic")
     ratio = [torch.clamp(r, max=cap) for r in rho]
     if self_normalize:
         mean_r = sum(ratio, torch.zeros((), dtype=F64)) / m
@@ -749,7 +752,9 @@ def test_estimators_are_the_documented_functions() -> None:
     assert REGISTRY["per-step"].fn is _per_step_fn
     assert REGISTRY["per-decision"].fn is _per_decision_fn
     assert REGISTRY["per-step"].unit == "step"
-    assert {spec.unit for name, spec in REGISTRY.items() if name != "per-step"} == {"episode"}
+    assert REGISTRY["critic"].fn is critic_surrogate and REGISTRY["critic"].unit == "step"
+    assert {spec.unit for name, spec in REGISTRY.items()
+            if name not in ("per-step", "critic")} == {"episode"}
     with pytest.raises(TypeError):
         REGISTRY["new"] = REGISTRY["per-step"]  # type: ignore[index]
 

@@ -16,10 +16,18 @@ import torch
 from torch import Tensor
 
 from offpg_offline import ope, train
-from offpg_offline.config import SELECT_ESTIMATORS, ClipMode, EstimatorName, TrainConfig
+from offpg_offline.config import (
+    SELECT_ESTIMATORS,
+    ClipMode,
+    DiscountWeighting,
+    EstimatorName,
+    TrainConfig,
+)
 from offpg_offline.data.stream import LogView
 from offpg_offline.estimators import ESTIMATORS, SurrogateOptions, kl_penalty
 from offpg_offline.policies import CategoricalPolicy
+from offpg_offline.training.batches import training_view
+from offpg_offline.training.critic import discounted_baseline
 
 F64 = torch.float64
 
@@ -89,7 +97,8 @@ CASES = [(name, option) for name in sorted(ESTIMATORS)
 
 def test_every_supported_option_is_covered() -> None:
     assert {option for _, option in CASES} == set(NON_DEFAULT)
-    assert len(CASES) == sum(len(spec.supports) for spec in ESTIMATORS.values()) == 21
+    # 5 + 5 + 6 + 5 (trajectory, per-decision, past-weight, per-step) + 5 (critic = per-step's)
+    assert len(CASES) == sum(len(spec.supports) for spec in ESTIMATORS.values()) == 26
 
 
 @pytest.mark.parametrize(("name", "option"), CASES)
@@ -142,3 +151,68 @@ def test_registry_keys_are_the_config_enum() -> None:
 
 def test_ope_registry_is_the_config_name_list() -> None:
     assert tuple(ope.OPE_ESTIMATORS) == ope.ESTIMATE_NAMES == tuple(SELECT_ESTIMATORS)
+
+
+def _episodes() -> LogView:
+    """6 whole episodes of 1–6 steps with raw rewards and a baseline column of zeros."""
+    gen = torch.Generator().manual_seed(5)
+    lengths = [3, 6, 1, 4, 2, 5]
+    m = sum(lengths)
+    step = torch.cat([torch.arange(n) for n in lengths])
+    return LogView(torch.randn(m, 4, generator=gen, dtype=F64),
+                   torch.randint(0, 3, (m,), generator=gen),
+                   torch.empty(m, dtype=F64).uniform_(0.1, 1.0, generator=gen).log(),
+                   torch.randn(m, generator=gen, dtype=F64) + 0.5, step, step == 0, None)
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(ESTIMATORS) if ESTIMATORS[n].unit == "step"])
+def test_discount_weighting_reaches_the_loss(name: str) -> None:
+    # The option acts where a step estimator's rows are made (whole episodes → rows): the
+    # row's target (G_t, or the critic's Q̂_t) and its baseline are multiplied by γ^t.
+    # Expected values by hand: a loop over each episode's rewards (G_t) and the value V = 0.3·t
+    # as the critic (Q̂_t = r_t + γ V(s_{t+1}), 0 after the last step), b(s_t) = 0.2.
+    policy, episodes = CategoricalPolicy(4, 3, (8,)).double(), _episodes()
+    gamma = 0.8
+
+    def value(v: LogView) -> Tensor:
+        return 0.3 * v.step.double()
+
+    def baseline_of(v: LogView) -> Tensor:
+        return torch.full_like(v.reward, 0.2)
+
+    rew, step, start = episodes.reward.tolist(), episodes.step.tolist(), episodes.episode_start
+    target, m = [0.0] * len(rew), len(rew)
+    for i in reversed(range(m)):
+        last = i == m - 1 or bool(start[i + 1])
+        if ESTIMATORS[name].critic:
+            target[i] = rew[i] + (0.0 if last else gamma * 0.3 * step[i + 1])
+        else:
+            target[i] = rew[i] + (0.0 if last else gamma * target[i + 1])
+    losses = {}
+    for weighting in ("undiscounted", "discounted"):
+        config = _config(name, gamma=gamma, discount_weighting=DiscountWeighting(weighting))
+        view = training_view(episodes, config, discounted_baseline(baseline_of, config), value)
+        rows = view.rows(torch.arange(view.n_rows), as_steps=True)
+        with torch.no_grad():
+            losses[weighting], _ = train.surrogate(policy, rows, config)
+            ratio = (policy.log_prob(rows.obs, rows.action) - rows.behavior_logp).exp()
+        factor = torch.tensor([gamma ** t if weighting == "discounted" else 1.0 for t in step],
+                              dtype=F64)
+        expected = -(factor * ratio * (torch.tensor(target, dtype=F64) - 0.2)).mean()
+        torch.testing.assert_close(losses[weighting], expected, rtol=1e-12, atol=1e-14)
+    assert abs(float(losses["discounted"] - losses["undiscounted"])) > 1e-3
+    # auto keeps what the trainer always did for step estimators: no γ^t.
+    auto = _config(name, gamma=gamma)
+    view = training_view(episodes, auto, baseline_of, value)
+    with torch.no_grad():
+        loss_auto, _ = train.surrogate(policy, view.rows(torch.arange(view.n_rows),
+                                                         as_steps=True), auto)
+    torch.testing.assert_close(loss_auto, losses["undiscounted"], rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(ESTIMATORS) if ESTIMATORS[n].unit == "episode"])
+def test_episode_estimators_refuse_undiscounted(name: str) -> None:
+    config = _config(name, discount_weighting=DiscountWeighting.UNDISCOUNTED)
+    with pytest.raises(ValueError, match=f"discount_weighting=undiscounted .* {name} estimator"):
+        train.surrogate_options(config)
+    train.surrogate_options(_config(name, discount_weighting=DiscountWeighting.DISCOUNTED))

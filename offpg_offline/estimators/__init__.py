@@ -11,6 +11,7 @@ options honoured; `SurrogateOptions`), `psis` (Pareto smoothing), `diagnostics`
 
 from __future__ import annotations
 
+from offpg_offline.estimators.critic import critic_surrogate
 from offpg_offline.estimators.diagnostics import (
     QUANTILES,
     diagnostic_log_weights,
@@ -61,6 +62,7 @@ __all__ = [
     "EstimatorSpec",
     "Surrogate",
     "SurrogateOptions",
+    "critic_surrogate",
     "cumulative_log_weight",
     "diagnostic_log_weights",
     "discounted_returns",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
 
+from offpg_offline.estimators.critic import CRITIC_OPTIONS, critic_surrogate
 from offpg_offline.estimators.options import (
     DEFAULT_OPTIONS,
     OPTION_NAMES,
@@ -46,11 +47,14 @@ class EstimatorSpec:
             samples single steps.
         supports: names of the `SurrogateOptions` fields the function honours; any other
             option set away from its default is refused up front, by name.
+        critic: for a "step" estimator, the reward column holds a fitted critic's one-step
+            action value Q̂_t = r_t + γ V̂(s_{t+1}) instead of G_t (training/critic.py).
     """
 
     fn: Surrogate
     unit: Unit
     supports: frozenset[str]
+    critic: bool = False
 
     def __post_init__(self) -> None:
         unknown = sorted(self.supports - set(OPTION_NAMES))
@@ -58,6 +62,8 @@ class EstimatorSpec:
             raise ValueError(f"supports names unknown option(s) {', '.join(unknown)}")
         if self.unit not in ("episode", "step"):
             raise ValueError(f"unit must be 'episode' or 'step', got {self.unit!r}")
+        if self.critic and self.unit != "step":
+            raise ValueError("a critic estimator's unit must be 'step'")
 
     def check(self, name: str, options: SurrogateOptions) -> None:
         """Raise ValueError naming the first option in `options` that `name` does not honour."""
@@ -69,6 +75,7 @@ ESTIMATORS: Mapping[str, EstimatorSpec] = MappingProxyType({
     "per-decision": EstimatorSpec(per_decision_surrogate, "episode", PER_DECISION_OPTIONS),
     "past-weight": EstimatorSpec(past_weight_surrogate, "episode", PAST_WEIGHT_OPTIONS),
     "per-step": EstimatorSpec(per_step_surrogate, "step", PER_STEP_OPTIONS),
+    "critic": EstimatorSpec(critic_surrogate, "step", CRITIC_OPTIONS, critic=True),
 })
 """Spec per estimator name; the keys equal `config.EstimatorName` values (tested)."""
 

@@ -28,6 +28,7 @@ from offpg_offline.data.stream import (
     rank_episodes,
     shuffled_batches,
 )
+from offpg_offline.training.critic import step_targets
 
 BaselineFn = Callable[[LogView], Tensor]
 
@@ -58,31 +59,43 @@ def with_baseline(view: LogView, baseline_of: BaselineFn | None) -> LogView:
 
 
 def make_view(
-    batch: StepBatch, behavior_logp: Tensor, config: TrainConfig, baseline: Tensor | None
+    batch: StepBatch,
+    behavior_logp: Tensor,
+    config: TrainConfig,
+    baseline: Tensor | None,
+    value_of: BaselineFn | None = None,
 ) -> LogView:
     """The training view of whole episodes: for a step estimator the rewards are replaced by the
-    return-to-go G_t, so single steps can be sampled (each then stands alone, discount applied)."""
+    return-to-go G_t (or a critic's Q̂_t), so single steps can be sampled (each then stands
+    alone, discount applied)."""
     view = LogView(
         batch.obs, batch.action, behavior_logp, batch.reward, batch.step, batch.episode_start,
         baseline,
     )
-    return returns_if_steps(view, config)
+    return returns_if_steps(view, config, value_of)
 
 
-def returns_if_steps(view: LogView, config: TrainConfig) -> LogView:
-    """Rewards replaced by G_t = Σ_{t'≥t} γ^{t'-t} r_{t'} for a step estimator, else `view`."""
+def returns_if_steps(
+    view: LogView, config: TrainConfig, value_of: BaselineFn | None = None
+) -> LogView:
+    """Rewards replaced by G_t = Σ_{t'≥t} γ^{t'-t} r_{t'} (a critic estimator: Q̂_t, from
+    `value_of`; times γ^t when discounted: `training.critic.step_targets`) for a step
+    estimator, else `view`."""
     if not unit_is_step(config):
         return view
-    returns = estimators.discounted_returns(view.reward, view.episode_start, config.gamma)
-    return dataclasses.replace(view, reward=returns.to(view.reward.dtype))
+    targets = step_targets(view, config, value_of)
+    return dataclasses.replace(view, reward=targets.to(view.reward.dtype))
 
 
 def training_view(
-    view: LogView, config: TrainConfig, baseline_of: BaselineFn | None
+    view: LogView,
+    config: TrainConfig,
+    baseline_of: BaselineFn | None,
+    value_of: BaselineFn | None = None,
 ) -> LogView:
-    """Whole episodes (raw rewards) as trained on: G_t for a step estimator and the baseline b.
-    Applied to each streamed chunk before its steps can be separated."""
-    return with_baseline(returns_if_steps(view, config), baseline_of)
+    """Whole episodes (raw rewards) as trained on: G_t (or Q̂_t) for a step estimator and the
+    baseline b. Applied to each streamed chunk before its steps can be separated."""
+    return with_baseline(returns_if_steps(view, config, value_of), baseline_of)
 
 
 def make_batches(view: LogView, config: TrainConfig, start_step: int = 0) -> Iterator[LogView]:
@@ -154,6 +167,7 @@ class StreamedBatches:
     train_ordinals: Tensor
     baseline_of: BaselineFn | None
     config: TrainConfig
+    value_of: BaselineFn | None = None  # the critic estimator's V̂ (training/critic.py)
 
     def batches(self, context: distributed.Context, start_step: int) -> Iterator[LogView]:
         config, source = self.config, self.source
@@ -170,7 +184,7 @@ class StreamedBatches:
         def one_pass(epoch: int) -> Iterator[LogView]:
             order = torch.randperm(len(source.shards), generator=generator).tolist()
             return (
-                training_view(chunk, config, self.baseline_of)
+                training_view(chunk, config, self.baseline_of, self.value_of)
                 for chunk in source.chunks(keep, order)
             )
 

@@ -33,6 +33,7 @@ from offpg_offline.training.batches import (
     use_streaming,
     with_baseline,
 )
+from offpg_offline.training.critic import discounted_baseline
 
 DIAGNOSTIC_STEPS = 4096  # rows of whole episodes on which periodic diagnostics are computed
 STREAM_SAMPLE_STEPS = 1 << 17  # rows of whole episodes read into memory when streaming
@@ -93,7 +94,9 @@ def prepare_data(dataset: Path, config: TrainConfig) -> TrainingData:
     train_batch = batch.episodes(train_local)
     train_rows = episode_rows(batch.episode_start, train_local)
     baseline_of = fit_baseline(train_batch, behavior_logp[train_rows], config)
-    full_view = make_view(batch, behavior_logp, config, baseline=None)
+    value_of = critic_value(train_batch, behavior_logp[train_rows], config, baseline_of)
+    baseline_of = discounted_baseline(baseline_of, config)
+    full_view = make_view(batch, behavior_logp, config, baseline=None, value_of=value_of)
     train_view = with_baseline(full_view.episodes(train_local), baseline_of)
     validation = val_probe = None
     if len(val_local):
@@ -105,7 +108,7 @@ def prepare_data(dataset: Path, config: TrainConfig) -> TrainingData:
     source: BatchSource = (
         InMemoryBatches(train_view, config)
         if log_source is None
-        else StreamedBatches(log_source, train_ord, baseline_of, config)
+        else StreamedBatches(log_source, train_ord, baseline_of, config, value_of)
     )
     return TrainingData(
         card=card,
@@ -185,6 +188,26 @@ def fit_baseline(
         mean_return = float(returns.mean())
         return lambda view: torch.full_like(view.reward, mean_return)
     return None
+
+
+def critic_value(
+    train_batch: StepBatch,
+    behavior_logp: Tensor,
+    config: TrainConfig,
+    baseline_of: BaselineFn | None,
+) -> BaselineFn | None:
+    """V̂(s) of a critic estimator (`EstimatorSpec.critic`; training/critic.py): the value
+    baseline when `baseline = value`, else the same network fitted here; None otherwise."""
+    if not estimators.ESTIMATORS[config.estimator.value].critic:
+        return None
+    if config.baseline is Baseline.VALUE:
+        return baseline_of
+    episodes = LogView(
+        train_batch.obs, train_batch.action, behavior_logp, train_batch.reward,
+        train_batch.step, train_batch.episode_start, None,
+    )
+    value = fit_value_baseline(episodes, config, stream(config.seed, "value"))
+    return lambda view: value(view.obs)
 
 
 def fit_value_baseline(view: LogView, config: TrainConfig, generator: torch.Generator) -> nn.Module:
