@@ -10,7 +10,7 @@ fi
 stamp=.venv/.offpg-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
     .venv/bin/python -m pip install --quiet --disable-pip-version-check \
-        -c constraints.txt -e '.[dev]'
+        -c constraints.txt -e '.[dev,envs]'
     touch "$stamp"
 fi
 export PATH="$PWD/.venv/bin:$PATH"
