@@ -354,7 +354,8 @@ def readme(out: Path) -> str:
         "engines, so each folder also opens as a plain Parquet dataset: "
         "`pyarrow.dataset.dataset(\"datasets/cartpole-eps\", format=\"parquet\")`, "
         "`polars.scan_parquet(\"datasets/cartpole-eps/*.parquet\")`).",
-        "Made by `scripts/make_datasets.py` from `offpg_offline/data/synthetic.py` (fixed seeds; "
+        "Made by `scripts/make_datasets.py` from `offpg_offline/data/synthetic.py` (the "
+        "LunarLander and MountainCar logs: from the controllers in the script itself; fixed seeds; "
         "rerunning reproduces the files byte for byte). Returns are undiscounted; *behavior* is "
         "the mean over the logged episodes, *greedy* the mean over 100 fresh episodes of the "
         "behavior's most likely (discrete) or mean (continuous) action (the noise-free "

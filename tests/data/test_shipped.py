@@ -109,7 +109,8 @@ def _heuristic(obs: np.ndarray, *, continuous: bool) -> np.ndarray:
     scripts/make_datasets.py's vectorised one), on float64 rows."""
     from types import SimpleNamespace
 
-    lander = pytest.importorskip("gymnasium.envs.box2d.lunar_lander", reason=ENVS_EXTRA)
+    pytest.importorskip("Box2D", reason=ENVS_EXTRA)
+    from gymnasium.envs.box2d import lunar_lander as lander
     env = SimpleNamespace(unwrapped=SimpleNamespace(continuous=continuous))
     return np.array([lander.heuristic(env, row) for row in obs.astype(np.float64)])
 
