@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from offpg_offline.config import (
-    EstimatorName,
     FitConfig,
     Propensity,
     RunConfig,
@@ -191,7 +190,9 @@ def launch_ranks(dataset: Path, run: RunConfig, nproc: int, out_dir: Path | None
 
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise ValueError("--nproc starts torchrun itself; under torchrun, leave it out")
-    per_step = run.train.estimator is EstimatorName.PER_STEP
+    from offpg_offline.training.batches import unit_is_step
+
+    per_step = unit_is_step(run.train)  # the spec's unit (per-step, critic), not a name
     size = run.train.batch_steps if per_step else run.train.batch_episodes
     if size % nproc:
         option = "--batch-steps" if per_step else "--batch-episodes"
