@@ -149,6 +149,12 @@ class TrainConfig:
         "deep-RL code); auto: undiscounted for step estimators, discounted for the others "
         "(which refuse undiscounted).",
     )
+    critic_lambda: float = option(
+        0.0,
+        "GAE λ of the critic estimator's advantage: 0 = one-step r + γV̂(s') − V̂(s), 1 = the "
+        "Monte-Carlo G_t − V̂(s) of per-step (other estimators refuse a value other than 0).",
+        ge=0.0, le=1.0,
+    )
     init: Init = option(Init.BC, "Start from random weights or BC.")
     bc_steps: int = option(300, "Gradient steps of behavior cloning for --init bc.", ge=0)
     val_fraction: float = option(

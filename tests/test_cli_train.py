@@ -204,6 +204,8 @@ def test_every_option_reaches_the_recorded_config(workdir: Path) -> None:
         "memory_budget": "1.5", "shuffle_buffer_episodes": "16", "log_every": "2",
         "checkpoint_every": "2", "eval_every": "2", "eval_episodes": "1", "select_by": "wis",
         "env": "CartPole-v1", "discount_weighting": "discounted",
+        # critic_lambda ≠ 0 is refused by past-weight (tests/test_wiring.py); 0 still lands.
+        "critic_lambda": "0",
     }
     flags = {"self_normalize": True, "standardize_returns": True, "psis": True,
              "stream": False, "verify": True, "allow_env_entry_point": False}

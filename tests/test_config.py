@@ -48,6 +48,7 @@ EVERY_TRAIN_FIELD = {
     "ppo_epsilon": 0.25,
     "psis": True,
     "discount_weighting": DiscountWeighting.DISCOUNTED,
+    "critic_lambda": 0.95,
     "init": Init.RANDOM,
     "bc_steps": 0,
     "val_fraction": 0.5,

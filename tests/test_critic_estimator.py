@@ -187,6 +187,22 @@ def test_one_step_targets_bootstrap_inside_episodes_and_stop_at_their_end() -> N
     assert targets.tolist() == [1.0 + 0.5 * 20, 2.0 + 0.5 * 30, 3.0, 4.0]
 
 
+def test_gae_targets_by_hand_and_lambda_one_is_the_monte_carlo_return() -> None:
+    # Episodes [r = 1, 2, 3] and [r = 4], V = 10, 20, 30, 40, γ = 0.5, λ = 0.5:
+    # δ = [1 + 10 − 10, 2 + 15 − 20, 3 − 30, 4 − 40] = [1, −3, −27, −36];
+    # Â_0 = 1 + 0.25·(−3) + 0.0625·(−27), Â_1 = −3 + 0.25·(−27), Â_2 = −27, Â_3 = −36.
+    view = LogView(torch.zeros(4, 1), torch.zeros(4, dtype=torch.long), torch.zeros(4),
+                   torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0, 1, 2, 0]),
+                   torch.tensor([True, False, False, True]), None)
+    value = torch.tensor([10.0, 20.0, 30.0, 40.0])
+    advantage = [1 - 0.75 - 27 / 16, -3 - 27 / 4, -27.0, -36.0]
+    expected = [v + a for v, a in zip([10.0, 20.0, 30.0, 40.0], advantage, strict=True)]
+    torch.testing.assert_close(one_step_targets(view, value, 0.5, 0.5).tolist(), expected)
+    # λ = 1: the sum telescopes to G_t = [1 + 0.5·2 + 0.25·3, 2 + 0.5·3, 3, 4] for any V.
+    torch.testing.assert_close(one_step_targets(view, value, 0.5, 1.0).tolist(),
+                               [2.75, 3.5, 3.0, 4.0])
+
+
 def test_training_rows_hold_the_critics_one_step_target() -> None:
     # prepare_data with the critic estimator: the training view's reward column is
     # r_t + γ V̂(s_{t+1}) (0 after an episode's last step) and its baseline is V̂(s_t) — the

@@ -216,3 +216,30 @@ def test_episode_estimators_refuse_undiscounted(name: str) -> None:
     with pytest.raises(ValueError, match=f"discount_weighting=undiscounted .* {name} estimator"):
         train.surrogate_options(config)
     train.surrogate_options(_config(name, discount_weighting=DiscountWeighting.DISCOUNTED))
+
+
+def test_critic_lambda_reaches_the_loss_and_only_the_critic_takes_it() -> None:
+    # λ = 1 makes the critic's rows G_t (by hand, as in test_discount_weighting_reaches_the_loss)
+    # whatever V is; λ = 0 the one-step target: the loss differs.
+    policy, episodes = CategoricalPolicy(4, 3, (8,)).double(), _episodes()
+
+    def value(v: LogView) -> Tensor:
+        return 0.3 * v.step.double()
+
+    rew, start = episodes.reward.tolist(), episodes.episode_start
+    returns = [0.0] * len(rew)
+    for i in reversed(range(len(rew))):
+        last = i == len(rew) - 1 or bool(start[i + 1])
+        returns[i] = rew[i] + (0.0 if last else 0.8 * returns[i + 1])
+    losses = []
+    for lam in (1.0, 0.0):
+        config = _config("critic", gamma=0.8, critic_lambda=lam)
+        rows = training_view(episodes, config, None, value)
+        losses.append(train.surrogate(policy, rows.rows(torch.arange(rows.n_rows),
+                                                        as_steps=True), config)[0].detach())
+        if lam == 1.0:
+            torch.testing.assert_close(rows.reward, torch.tensor(returns, dtype=F64))
+    assert abs(float(losses[0] - losses[1])) > 1e-3
+    for name in sorted(set(ESTIMATORS) - {"critic"}):
+        with pytest.raises(ValueError, match=f"critic_lambda=0.5 is not supported by the {name}"):
+            train.surrogate_options(_config(name, critic_lambda=0.5))

@@ -48,26 +48,38 @@ def is_discounted(config: TrainConfig) -> bool:
 
 
 def check_discount_weighting(config: TrainConfig) -> None:
-    """Refuse `undiscounted` for an episode estimator (its γ^t is part of its estimate)."""
+    """Refuse `undiscounted` for an episode estimator (its γ^t is part of its estimate), and
+    `critic_lambda` for an estimator without a critic."""
     name = config.estimator.value
     spec = estimators.ESTIMATORS[name]
+    if config.critic_lambda != 0.0 and not spec.critic:
+        raise ValueError(
+            f"option critic_lambda={config.critic_lambda!r} is not supported by the {name} "
+            "estimator (only the critic estimator has a critic)")
     if spec.unit == "episode" and config.discount_weighting is DiscountWeighting.UNDISCOUNTED:
         raise ValueError(
             f"option discount_weighting=undiscounted is not supported by the {name} estimator "
             "(only step estimators, e.g. per-step and critic, can drop γ^t)")
 
 
-def one_step_targets(view: LogView, value: Tensor, gamma: float) -> Tensor:
-    """Q̂_t = r_t + γ·1[t not last]·V̂(s_{t+1}) on whole episodes, [M] float64.
+def one_step_targets(view: LogView, value: Tensor, gamma: float, lam: float = 0.0) -> Tensor:
+    """Q̂_t = r_t + γ·1[t not last]·V̂(s_{t+1}) on whole episodes, [M] float64; with λ > 0 the
+    GAE(λ) target V̂(s_t) + Σ_k (γλ)^k δ_{t+k}, δ_t = Q̂_t − V̂(s_t) (Schulman et al. 2016),
+    which is G_t at λ = 1 (the sum telescopes).
 
     Args:
         view: whole episodes with raw rewards.
         value: V̂(s_t) for every row of `view`, [M].
         gamma: discount γ.
+        lam: GAE λ in [0, 1].
     """
-    following = torch.roll(value.detach().double(), -1)
-    following = following.masked_fill(episode_last(view.episode_start), 0.0)
-    return view.reward.double() + gamma * following
+    value = value.detach().double()
+    following = torch.roll(value, -1).masked_fill(episode_last(view.episode_start), 0.0)
+    target = view.reward.double() + gamma * following
+    if lam == 0.0:
+        return target
+    delta = estimators.discounted_returns(target - value, view.episode_start, gamma * lam)
+    return value + delta
 
 
 def step_targets(view: LogView, config: TrainConfig, value_of: ValueFn | None) -> Tensor:
@@ -77,7 +89,7 @@ def step_targets(view: LogView, config: TrainConfig, value_of: ValueFn | None) -
         if value_of is None:
             raise ValueError("the critic estimator needs a fitted value V̂(s) for its targets")
         with torch.no_grad():
-            target = one_step_targets(view, value_of(view), config.gamma)
+            target = one_step_targets(view, value_of(view), config.gamma, config.critic_lambda)
     else:
         target = estimators.discounted_returns(view.reward, view.episode_start, config.gamma)
     return target * step_discount(view, config)
