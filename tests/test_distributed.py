@@ -19,6 +19,7 @@ from offpg_offline.data.batch import load_steps
 from offpg_offline.data.spaces import space_from_json
 from offpg_offline.data.store import read_card
 from offpg_offline.distributed import Context, local_part, resolve_device
+from offpg_offline.estimators import ESTIMATORS
 from offpg_offline.policies import make_policy
 from offpg_offline.train import NullTracker, surrogate, train
 from offpg_offline.training.batches import make_batches, make_view, rank_share, use_streaming
@@ -91,13 +92,16 @@ def test_mean_of_rank_gradients_is_the_global_batch_gradient(
         obs_std=batch.obs.std(0),
     )
     assert batch.logged_logp is not None
-    view = make_view(batch, batch.logged_logp, config, baseline=None)
+    # value_of: V̂ ≡ 3 for the critic estimator's targets (ignored by the others)
+    view = make_view(batch, batch.logged_logp, config, baseline=None,
+                     value_of=lambda v: torch.full_like(v.reward, 3.0))
     view = dataclasses.replace(view, baseline=torch.full_like(view.reward, 3.0))
     global_batch = next(make_batches(view, config))
     whole = _gradient(policy, global_batch, config)
     shares = [rank_share(global_batch, config, Context(rank, 4, rank, CPU)) for rank in range(4)]
-    units = [s.n_rows if estimator is EstimatorName.PER_STEP else s.n_episodes for s in shares]
-    assert units == [len(units) and (64 if estimator is EstimatorName.PER_STEP else 8) // 4] * 4
+    as_steps = ESTIMATORS[estimator.value].unit == "step"  # per-step, critic
+    units = [s.n_rows if as_steps else s.n_episodes for s in shares]
+    assert units == [len(units) and (64 if as_steps else 8) // 4] * 4
     weights = [4 * share.n_rows / global_batch.n_rows for share in shares]
     averaged = torch.stack(
         [_gradient(policy, share, config, w) for share, w in zip(shares, weights, strict=True)]
