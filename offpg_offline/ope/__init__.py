@@ -37,8 +37,12 @@ truncated episodes are not bootstrapped.
 Intervals. Every estimate gets a seeded percentile bootstrap over episodes. Estimators are
 written as functions of episode multiplicities `counts` [B, E] (row b: how often each episode is
 drawn in resample b), so B resamples are evaluated in a few matrix products (sparse over
-steps). For `dr`, `wdr` and `fqe` the critic is fitted once and held fixed while the final
-estimate is resampled: the interval leaves out the critic's own fitting variance. The IS
+steps). For `dr`, `wdr` and `fqe` the default interval (`critic_interval="refit"`) refits the
+critic on each of `n_refit` resamples, all at once as a batched ensemble, so it contains the
+critic's own fitting variance (`intervals.refit_critic_draws`); `critic_interval="fixed"` is
+the fast interval that fits the critic once and holds it fixed while only the final average is
+resampled: it leaves that variance out and can be far too narrow (a deterministic start state
+gives FQE a zero-width fixed interval). The IS
 family (`is`, `pdis`) also gets a 1 − δ lower bound by the empirical Bernstein inequality with
 truncation, as in HCOPE (Thomas, Theocharous & Ghavamzadeh 2015); see `hcope_lower_bound`.
 
@@ -87,7 +91,6 @@ from offpg_offline.ope.fqe import (
     FQEConfig,
     QCritic,
     TargetPolicy,
-    _bootstraps,
     critic_values,
     fit_fqe,
 )
@@ -96,6 +99,8 @@ from offpg_offline.ope.intervals import (
     bootstrap_intervals,
     empirical_bernstein_lower_bound,
     hcope_lower_bound,
+    percentile_interval,
+    refit_critic_draws,
 )
 
 if TYPE_CHECKING:
@@ -103,6 +108,7 @@ if TYPE_CHECKING:
 
 ESTIMATE_NAMES: tuple[str, ...] = tuple(OPE_ESTIMATORS)  # == config.SELECT_ESTIMATORS (tested)
 _CRITIC_NAMES = frozenset(name for name, spec in OPE_ESTIMATORS.items() if spec.needs_critic)
+CRITIC_INTERVALS: tuple[str, ...] = ("refit", "fixed")
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,12 +184,18 @@ def evaluate_offline(
     fqe: FQEConfig | None = None,
     critic_batch: StepBatch | None = None,
     return_range: tuple[float, float] | None = None,
+    critic_interval: str = "refit",
+    n_refit: int | None = None,
 ) -> list[Estimate]:
     r"""Estimate J(π) on `batch` with each named estimator, its bootstrap interval and ESS.
 
-    The FQE critic (for dr, wdr, fqe) is fitted on `critic_batch` (default: `batch` itself) and
-    then held fixed while episodes are resampled. When the critic bootstraps truncated steps
-    (`fqe.bootstrap_truncated`, by default when γ < 1), DR and WDR also bootstrap the tail of
+    The FQE critic (for dr, wdr, fqe) is fitted on `critic_batch` (default: `batch` itself).
+    Their intervals: `critic_interval="refit"` refits it on each of `n_refit` bootstrap
+    resamples (one batched ensemble; the interval includes the critic's fitting variance),
+    `"fixed"` holds the one critic fixed while episodes are resampled (fast, too narrow when
+    the critic's error matters). When the critic bootstraps truncated steps
+    (`fqe.bootstrap_truncated`, by default when γ < 1 and some episode has two steps or
+    more), DR and WDR also bootstrap the tail of
     truncated episodes with γ^{T} w_{0:T−1} V̂(s_T), consistent with the critic; the IS family
     always estimates the value of the logged horizon (with γ < 1 and long episodes the two differ
     by about γ^T·V, which is negligible: 0.99^500 ≈ 0.007).
@@ -207,6 +219,8 @@ def evaluate_offline(
         fqe: critic options.
         critic_batch: episodes to fit the critic on (e.g. the training split).
         return_range: known (g_min, g_max) of the discounted return.
+        critic_interval: "refit" or "fixed" (see above).
+        n_refit: critics refitted for the refit interval; default min(n_boot, 100).
 
     Returns:
         One `Estimate` per requested name, in the order requested.
@@ -216,6 +230,9 @@ def evaluate_offline(
         raise ValueError(f"unknown estimator(s) {', '.join(unknown)}; "
                          f"choose from {', '.join(ESTIMATE_NAMES)}")
     check_gamma(gamma)
+    if critic_interval not in CRITIC_INTERVALS:
+        raise ValueError(f"critic_interval must be one of {', '.join(CRITIC_INTERVALS)}, "
+                         f"got {critic_interval!r}")
     with torch.no_grad():
         target_logp = policy.log_prob(batch.obs, batch.action).double().cpu()
     behavior_logp = behavior_logp.double().cpu()  # the estimates themselves are cheap: CPU
@@ -234,12 +251,18 @@ def evaluate_offline(
         q_value, state_value, next_value = (v.cpu() for v in critic_values(
             critic, policy, batch, action_samples=config.action_samples, seed=seed))
         cut = (batch.truncated & ~batch.terminated).cpu()
-        end_value = torch.where(cut, next_value, 0.0) if _bootstraps(config, gamma) else None
+        end_value = torch.where(cut, next_value, 0.0) if critic.bootstraps_truncated else None
         inputs = OpeInputs(*args, gamma=gamma, q_value=q_value, state_value=state_value,
                            end_value=end_value)
     statistics = {name: OPE_ESTIMATORS[name].statistic(inputs) for name in estimators}
 
     intervals = bootstrap_intervals(statistics, n_episodes, n_boot=n_boot, level=level, seed=seed)
+    refit = _CRITIC_NAMES & set(estimators) if critic_interval == "refit" else set()
+    if refit:
+        draws = refit_critic_draws(
+            policy, batch, args, gamma=gamma, names=refit, config=config, seed=seed,
+            n_refit=n_refit or min(n_boot, 100), critic_batch=critic_batch)
+        intervals.update({name: percentile_interval(d, level) for name, d in draws.items()})
     ones = torch.ones(1, n_episodes, dtype=F64)
     layout = _layout(step, start)
     log_weight, _ = _log_weights(target_logp, behavior_logp, start)
@@ -275,6 +298,7 @@ def _lower_bounds(args: tuple[Tensor, ...], gamma: float, delta: float, seed: in
 
 
 __all__ = [
+    "CRITIC_INTERVALS",
     "ESTIMATE_NAMES",
     "OPE_ESTIMATORS",
     "Estimate",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,10 +62,48 @@ class FQEConfig:
             raise ValueError(f"fqe.lr must be positive, got {self.lr}")
 
 
-def _bootstraps(config: FQEConfig, gamma: float) -> bool:
+def _bootstraps(config: FQEConfig, gamma: float, horizon: int) -> bool:
+    """Whether truncated last steps are bootstrapped: `config.bootstrap_truncated`, or by default
+    when γ < 1 and the log holds a transition inside an episode (T_max > 1). A log of one-step
+    episodes (a bandit log) says nothing about what follows a decision; its `next_obs` is often
+    a copy of `obs`, and bootstrapping from it would report ≈ r/(1 − γ) instead of r."""
     if config.bootstrap_truncated is None:
-        return gamma < 1.0
+        return gamma < 1.0 and horizon > 1
     return config.bootstrap_truncated
+
+
+class StackedMLP(nn.Module):
+    """`members` independent tanh MLPs evaluated at once by batched matmuls (an ensemble).
+
+    Input [R, in] (shared by every member) or [B, R, in]; output [B, R, out]. Each member is
+    initialised like `nn.Linear` (uniform in ±1/√fan_in) from the global torch generator.
+    """
+
+    def __init__(self, members: int, in_dim: int, hidden: Sequence[int], out_dim: int) -> None:
+        super().__init__()
+        sizes = (in_dim, *(int(h) for h in hidden), out_dim)
+        self.members = members
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for fan_in, fan_out in itertools.pairwise(sizes):
+            bound = 1.0 / math.sqrt(fan_in)
+            weight = (2 * torch.rand(members, fan_in, fan_out) - 1) * bound
+            self.weights.append(nn.Parameter(weight))
+            self.biases.append(nn.Parameter((2 * torch.rand(members, 1, fan_out) - 1) * bound))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[R, in] or [B, R, in] → [B, R, out]."""
+        last = len(self.weights) - 1
+        for i, (weight, bias) in enumerate(zip(self.weights, self.biases, strict=True)):
+            if x.ndim == 2:  # an input shared by every member: one [R, in] @ [in, B·out] GEMM
+                members, fan_in, fan_out = weight.shape
+                flat = weight.permute(1, 0, 2).reshape(fan_in, members * fan_out)
+                x = (x @ flat).reshape(x.shape[0], members, fan_out).transpose(0, 1) + bias
+            else:
+                x = torch.baddbmm(bias, x, weight)
+            if i < last:
+                x = torch.tanh(x)
+        return x
 
 
 class QCritic(nn.Module):
@@ -72,6 +111,8 @@ class QCritic(nn.Module):
 
     Observations are normalised with the fitting log's mean and std; outputs are scaled by
     `value_scale` (RMS reward × effective horizon) so that the network regresses O(1) numbers.
+    With `members` = B > 0 it is an ensemble of B critics (`StackedMLP`) and every output gains
+    a leading [B] dimension (one critic per bootstrap resample, `fit_fqe(row_weights=...)`).
     """
 
     def __init__(
@@ -85,6 +126,7 @@ class QCritic(nn.Module):
         obs_std: Tensor,
         value_scale: float,
         time_scale: float = 0.0,
+        members: int = 0,
     ) -> None:
         super().__init__()
         if (n_actions is None) == (action_dim is None):
@@ -94,8 +136,11 @@ class QCritic(nn.Module):
         self.register_buffer("obs_std", torch.where(obs_std > 1e-6, obs_std, 1.0).float().clone())
         self.register_buffer("value_scale", torch.tensor(float(value_scale)))
         self.register_buffer("time_scale", torch.tensor(float(time_scale)))
-        in_dim = obs_dim + (action_dim or 0)
-        self.net = mlp(in_dim, hidden, n_actions if n_actions is not None else 1)
+        in_dim, out_dim = obs_dim + (action_dim or 0), n_actions if n_actions is not None else 1
+        self.members = members
+        self.net: nn.Module = (StackedMLP(members, in_dim, hidden, out_dim) if members > 0
+                               else mlp(in_dim, hidden, out_dim))
+        self.bootstraps_truncated = False  # set by fit_fqe: its targets bootstrapped cut ends
 
     def features(self, obs: Tensor, step: Tensor) -> Tensor:
         """The critic's input: obs, with t / T_max appended when it uses the time feature."""
@@ -105,23 +150,25 @@ class QCritic(nn.Module):
         return torch.cat([obs.float(), time], dim=1)
 
     def _normalised(self, obs: Tensor, action: Tensor | None = None) -> Tensor:
-        """Network output in units of `value_scale`: [M, A] (discrete) or [M] (continuous)."""
+        """Network output in units of `value_scale`: [(B,) M, A] (discrete) or [(B,) M]."""
         x = (obs.float() - self.obs_mean) / self.obs_std
         if self.n_actions is not None:
             return self.net(x)
         assert action is not None
-        return self.net(torch.cat([x, action.float().reshape(x.shape[0], -1)], dim=-1))[:, 0]
+        return self.net(torch.cat([x, action.float().reshape(x.shape[0], -1)], dim=-1))[..., 0]
 
     def q_all(self, obs: Tensor) -> Tensor:
-        """Q̂(s, a) for every discrete action, [M, A]."""
+        """Q̂(s, a) for every discrete action, [M, A] ([B, M, A] for an ensemble)."""
         if self.n_actions is None:
             raise ValueError("q_all needs a discrete-action critic")
         return self._normalised(obs) * self.value_scale
 
     def q_value(self, obs: Tensor, action: Tensor) -> Tensor:
-        """Q̂(s_t, a_t), [M]."""
+        """Q̂(s_t, a_t), [M] ([B, M] for an ensemble)."""
         if self.n_actions is not None:
-            return self.q_all(obs).gather(1, action.long()[:, None])[:, 0]
+            q = self.q_all(obs)
+            index = action.long().expand(q.shape[:-1])[..., None]
+            return q.gather(-1, index)[..., 0]
         return self._normalised(obs, action) * self.value_scale
 
 
@@ -151,7 +198,7 @@ class _PolicyValue:
         obs = self.obs if rows is None else self.obs[rows]
         if self.probs is not None:
             probs = self.probs if rows is None else self.probs[rows]
-            return (probs * critic.q_all(obs)).sum(1)
+            return (probs * critic.q_all(obs)).sum(-1)
         actions = self.actions if rows is None else [a[rows] for a in self.actions]
         return torch.stack([critic.q_value(obs, a) for a in actions]).mean(0)
 
@@ -168,6 +215,7 @@ def fit_fqe(
     config: FQEConfig | None = None,
     n_actions: int | None = None,
     seed: int = 0,
+    row_weights: Tensor | None = None,
 ) -> QCritic:
     r"""Fit Q̂ ≈ Q^π on the log by fitted-Q evaluation (Le, Voloshin & Yue 2019).
 
@@ -176,12 +224,21 @@ def fit_fqe(
     samples a'_j ∼ π(·|s') (continuous), and take `steps_per_iteration` Adam steps on the mean
     squared error (Q̂(s, a) − y)², warm-started from Q̂_k. The done flag d is `terminated`, or
     also `truncated` when truncated steps are not bootstrapped. Bootstrapping them (the default
-    when γ < 1) estimates the discounted value beyond a log cut or time limit; with γ = 1 that
-    value is unbounded on a time-limited env, so by default γ = 1 treats truncation as the end
-    and gives the critic t/T_max as an extra input (Q then depends on the time left).
+    when γ < 1 and some episode has two steps or more) estimates the discounted value beyond a
+    log cut or time limit; with γ = 1 that value is unbounded on a time-limited env, so by
+    default γ = 1 treats truncation as the end and gives the critic t/T_max as an extra input
+    (Q then depends on the time left). On a log of one-step episodes (a bandit log) nothing is
+    bootstrapped, every target is y = r, and FQE is the least-squares reward regression
+    q̂(x, a) ≈ E[r | x, a] of the direct method (Dudík, Langford & Li 2011).
     Bootstrapped values are clipped to [min(0, r_min), max(0, r_max)] × (discounted steps
     left), which contains V^π: a guard against the divergence of FQE as γ → 1. Expect FQE to
     be poor at γ = 1 over long horizons (CartPole: 41% of the online return after K = 500).
+
+    Ensemble (bootstrap refits). With `row_weights` [B, M] ≥ 0, B critics are fitted at once
+    (`QCritic(members=B)`, batched matmuls): critic b minimises Σ_rows w_b (Q̂_b − y_b)² / Σ w_b
+    on the same minibatches, its targets y_b from its own frozen copy. Integer bootstrap counts
+    of each row's episode make critic b the FQE fit on resample b; members also differ in
+    their random initialisation.
 
     Args:
         policy: the evaluated policy π (any object with `log_prob` and `sample`).
@@ -190,42 +247,57 @@ def fit_fqe(
         config: fitting options (FQEConfig()).
         n_actions: number of discrete actions (default: `policy.n_actions`, else max action + 1).
         seed: seeds the critic's initialisation, minibatches and action samples.
+        row_weights: optional [B, M] non-negative weights of the rows, one row per critic.
 
     Returns:
-        The fitted critic (its `history` attribute lists the mean loss of each iteration).
+        The fitted critic (its `history` attribute lists the mean loss of each iteration, its
+        `bootstraps_truncated` whether truncated last steps were bootstrapped).
     """
     check_gamma(gamma)
     config = config or FQEConfig()
-    obs, action, next_obs = batch.obs, batch.action, batch.next_obs
-    reward = batch.reward.float()
-    discrete = _discrete_actions(action)
+    if row_weights is not None and (row_weights.ndim != 2 or row_weights.shape[1] != batch.n_steps
+                                    or bool((row_weights < 0).any())):
+        raise ValueError(f"row_weights must be non-negative with shape [B, {batch.n_steps}], "
+                         f"got {tuple(row_weights.shape)}")
+    horizon = int(_layout(batch.step, batch.episode_start).horizon)
+    bootstraps = _bootstraps(config, gamma, horizon)
+    discrete = _discrete_actions(batch.action)
     if discrete:
-        n_actions = n_actions or getattr(policy, "n_actions", None) or int(action.max()) + 1
-    done = batch.terminated.clone()
-    if not _bootstraps(config, gamma):
-        done |= batch.truncated
-    horizon = float(_layout(batch.step, batch.episode_start).horizon)
-    effective = horizon if gamma == 1.0 else min(horizon, 1.0 / (1.0 - gamma))
-    time_feature = (not _bootstraps(config, gamma) if config.time_feature is None
-                    else config.time_feature)
-    step = batch.step
+        n_actions = n_actions or getattr(policy, "n_actions", None) or int(batch.action.max()) + 1
+    time_feature = not bootstraps if config.time_feature is None else config.time_feature
+    obs = batch.obs.float()
     if time_feature:
-        obs = torch.cat([obs.float(), step.float()[:, None] / horizon], dim=1)
-    scale = float(reward.square().mean().sqrt()) * effective  # RMS reward × horizon
-    generator = torch.Generator().manual_seed(seed)
+        obs = torch.cat([obs, batch.step.float()[:, None] / horizon], dim=1)
+    effective = horizon if gamma == 1.0 else min(horizon, 1.0 / (1.0 - gamma))
+    scale = float(batch.reward.float().square().mean().sqrt()) * effective  # RMS r × horizon
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         critic = QCritic(
             obs.shape[1], n_actions=n_actions if discrete else None,
-            action_dim=None if discrete else action.reshape(action.shape[0], -1).shape[1],
-            hidden=config.hidden, obs_mean=obs.float().mean(0), obs_std=obs.float().std(0),
+            action_dim=None if discrete else batch.action.reshape(obs.shape[0], -1).shape[1],
+            hidden=config.hidden, obs_mean=obs.mean(0), obs_std=obs.std(0),
             value_scale=scale if scale > 0 else 1.0, time_scale=horizon if time_feature else 0.0,
+            members=0 if row_weights is None else row_weights.shape[0],
         ).to(obs.device)
-    next_value = _PolicyValue(policy, next_obs, critic.features(next_obs, step + 1), critic,
-                              config.action_samples, generator)
+    critic.bootstraps_truncated = bootstraps
+    weights = None if row_weights is None else row_weights.to(obs.device, torch.float32)
+    critic.history = _regress(critic, policy, batch, obs, gamma, horizon, config, weights, seed)
+    return critic.eval()
+
+
+def _regress(critic: QCritic, policy: TargetPolicy, batch: StepBatch, obs: Tensor, gamma: float,
+             horizon: int, config: FQEConfig, weights: Tensor | None, seed: int) -> list[float]:
+    """FQE's K frozen-target regressions (see `fit_fqe`); the mean loss of each iteration."""
+    reward, action, step = batch.reward.float(), batch.action, batch.step
+    done = batch.terminated.clone()
+    if not critic.bootstraps_truncated:
+        done |= batch.truncated
+    generator = torch.Generator().manual_seed(seed)
+    next_value = _PolicyValue(policy, batch.next_obs, critic.features(batch.next_obs, step + 1),
+                              critic, config.action_samples, generator)
     # V(s_{t+1}) lies in [min(0, r_min), max(0, r_max)] × (discounted steps left): clipping the
     # bootstrapped values to that box keeps the true fixed point and stops divergence (γ ≈ 1).
-    if _bootstraps(config, gamma):
+    if critic.bootstraps_truncated:
         steps_left = torch.full_like(reward, math.inf)
     else:
         steps_left = (horizon - 1 - step).clamp_min(0).float()
@@ -233,29 +305,38 @@ def fit_fqe(
     low = min(0.0, float(reward.min())) * remaining
     high = max(0.0, float(reward.max())) * remaining
     optimizer = torch.optim.Adam(critic.parameters(), lr=config.lr)
-    m = obs.shape[0]
+    m, members = obs.shape[0], max(critic.members, 1)
     continuing = (~done).float()
+    backups = bool(continuing.any()) and gamma > 0  # else every target is r: one regression
     history: list[float] = []
     for _ in range(config.iterations):
         frozen = copy.deepcopy(critic).requires_grad_(False)  # Q̂_k, the regression target
         total = 0.0
         for _ in range(config.steps_per_iteration):
-            if m <= config.batch_size:
-                rows = torch.arange(m, device=obs.device)
-            else:
-                rows = torch.randint(m, (config.batch_size,), generator=generator).to(obs.device)
-            with torch.no_grad():
-                bootstrap = torch.clamp(next_value(frozen, rows), low[rows], high[rows])
-                target = reward[rows] + gamma * continuing[rows] * bootstrap
-            prediction = critic.q_value(obs[rows], action[rows])
-            loss = ((prediction - target) / critic.value_scale).square().mean()
+            rows = None if m <= config.batch_size else torch.randint(
+                m, (config.batch_size,), generator=generator).to(obs.device)
+
+            def take(values: Tensor, rows: Tensor | None = rows) -> Tensor:
+                return values if rows is None else values[rows]
+
+            target = take(reward)
+            if backups:
+                with torch.no_grad():
+                    bootstrap = torch.clamp(next_value(frozen, rows), take(low), take(high))
+                    target = target + gamma * take(continuing) * bootstrap
+            error = ((critic.q_value(take(obs), take(action)) - target)
+                     / critic.value_scale).square()
+            if weights is None:
+                loss = error.mean()
+            else:  # one weighted mean per member, summed: each member sees only its own term
+                w = weights if rows is None else weights[:, rows]
+                loss = ((w * error).sum(1) / w.sum(1).clamp_min(1e-12)).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item()
+            total += loss.item() / members
         history.append(total / config.steps_per_iteration)
-    critic.history = history
-    return critic.eval()
+    return history
 
 
 def critic_values(
@@ -266,7 +347,10 @@ def critic_values(
     action_samples: int = 16,
     seed: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Q̂(s_t, a_t), V̂(s_t) and V̂(s_{t+1}) on `batch`, each [M] float64 (V̂ under π)."""
+    """Q̂(s_t, a_t), V̂(s_t) and V̂(s_{t+1}) on `batch`, each [M] float64 (V̂ under π).
+
+    For an ensemble critic (`members` = B) each is [B, M].
+    """
     generator = torch.Generator().manual_seed(seed)
     features = critic.features(batch.obs, batch.step)
     next_features = critic.features(batch.next_obs, batch.step + 1)

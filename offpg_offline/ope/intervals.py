@@ -1,12 +1,25 @@
-"""Percentile bootstrap over episodes and HCOPE's empirical Bernstein lower bound."""
+"""Percentile bootstrap over episodes (critic fixed or refitted) and HCOPE's lower bound."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from offpg_offline.estimators.segments import episode_index
+from offpg_offline.ope.estimates import (
+    direct_method,
+    doubly_robust,
+    episode_mean,
+    weighted_doubly_robust,
+)
+from offpg_offline.ope.fqe import FQEConfig, TargetPolicy, critic_values, fit_fqe
+
+if TYPE_CHECKING:
+    from offpg_offline.data.batch import StepBatch
 
 F64 = torch.float64
 _COUNT_CELLS = 1 << 22  # bootstrap count matrices are built in chunks of at most B·E = 4M cells
@@ -118,3 +131,77 @@ def hcope_lower_bound(values: Tensor, *, delta: float = 0.05, seed: int = 0) -> 
                  - 7.0 * candidates * log_term / (3.0 * (n_post - 1)))
     clip = float(candidates[int(predicted.argmax())])
     return empirical_bernstein_lower_bound(post, clip=clip, delta=delta)
+
+
+def refit_critic_draws(
+    policy: TargetPolicy,
+    batch: StepBatch,
+    args: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
+    *,
+    gamma: float,
+    names: Collection[str],
+    config: FQEConfig,
+    n_refit: int,
+    seed: int,
+    critic_batch: StepBatch | None = None,
+) -> dict[str, Tensor]:
+    r"""Bootstrap draws of DR, WDR and FQE in which the critic is refitted on every resample.
+
+    Resample b draws the evaluation episodes with multiplicities c_b (`bootstrap_counts`) and
+    fits its own critic Q̂_b on the critic's episodes drawn the same way: the same c_b when the
+    critic is fitted on `batch` itself, an independent draw from `critic_batch` otherwise. The
+    B critics are fitted at once as one ensemble (`fit_fqe(row_weights=...)`); then
+
+        DR_b = Σ_e c_{b,e} x_e(Q̂_b) / Σ_e c_{b,e},  FQE_b = Σ_e c_{b,e} V̂_b(s_0^e) / Σ_e c_{b,e},
+
+    and WDR_b is WDR on resample b with Q̂_b. Their spread contains the critic's fitting
+    variance, which a fixed critic leaves out (the bootstrap of the whole estimator, as in
+    Kostrikov & Nachum 2020, and Hanna, Stone & Niekum 2017 for model-based estimates).
+
+    Args:
+        policy: π.
+        batch: evaluation episodes.
+        args: (target_logp, behavior_logp, reward, step, episode_start) of `batch`, float64.
+        gamma: discount.
+        names: among dr, wdr, fqe.
+        config: FQE options (shared by every refit).
+        n_refit: B, the number of resamples (= critics).
+        seed: seeds the resamples and the critics.
+        critic_batch: episodes the critic is fitted on (default: `batch`).
+
+    Returns:
+        name → [B] draws of the estimate.
+    """
+    start = args[4]
+    generator = torch.Generator().manual_seed(seed + 7919)  # apart from the fixed bootstrap's
+    counts = bootstrap_counts(int(start.sum()), n_refit, generator)
+    fit_on = batch if critic_batch is None else critic_batch
+    fit_counts = counts if critic_batch is None else bootstrap_counts(
+        fit_on.n_episodes, n_refit, generator)
+    row_weights = fit_counts[:, episode_index(fit_on.episode_start.cpu())].float()
+    ensemble = fit_fqe(policy, fit_on, gamma=gamma, config=config, seed=seed,
+                       row_weights=row_weights.to(fit_on.reward.device))
+    q_value, state_value, next_value = (v.cpu() for v in critic_values(
+        ensemble, policy, batch, action_samples=config.action_samples, seed=seed))
+    cut = (batch.truncated & ~batch.terminated).cpu()
+    draws: dict[str, list[Tensor]] = {name: [] for name in names}
+    for b in range(n_refit):  # a loop over resamples, each vectorised over rows
+        c = counts[b: b + 1]
+        end_value = torch.where(cut, next_value[b], 0.0) if ensemble.bootstraps_truncated else None
+        critic_args = (*args, q_value[b], state_value[b])
+        if "dr" in names:
+            draws["dr"].append(episode_mean(
+                doubly_robust(*critic_args, gamma=gamma, end_value=end_value), c))
+        if "wdr" in names:
+            draws["wdr"].append(weighted_doubly_robust(
+                *critic_args, gamma=gamma, end_value=end_value, counts=c))
+        if "fqe" in names:
+            draws["fqe"].append(episode_mean(direct_method(state_value[b], start), c))
+    return {name: torch.cat(parts).double() for name, parts in draws.items()}
+
+
+def percentile_interval(draws: Tensor, level: float) -> tuple[float, float]:
+    """The (1 − level)/2 and (1 + level)/2 quantiles of bootstrap draws."""
+    probs = torch.tensor([(1.0 - level) / 2.0, (1.0 + level) / 2.0], dtype=F64)
+    low, high = torch.quantile(draws.double(), probs).tolist()
+    return low, high
