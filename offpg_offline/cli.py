@@ -404,6 +404,9 @@ def evaluate(
     level: Annotated[float, typer.Option(help="Coverage of the bootstrap interval.")] = 0.95,
     delta: Annotated[float, typer.Option(help="HCOPE bounds hold w.p. ≥ 1 − delta.")] = 0.05,
     fqe_iterations: Annotated[int | None, typer.Option(help="FQE Bellman backups.")] = None,
+    critic_interval: Annotated[str, typer.Option(
+        help="Interval of dr, wdr, fqe: refit (the critic refitted on each resample) or fixed "
+             "(fast: the critic held fixed, too narrow when its error matters).")] = "refit",
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap, critic and rollouts.")] = 0,
     env: Annotated[str | None, typer.Option(help="gymnasium env id (default: the card's).")] = None,
     as_json: Annotated[bool, typer.Option(
@@ -424,7 +427,8 @@ def evaluate(
         config = EvaluateConfig(
             estimators=names, gamma=gamma, propensity=propensity, checkpoint=checkpoint,
             split=split, n_boot=n_boot, level=level, delta=delta,
-            fqe_iterations=fqe_iterations, seed=seed, online=online, env=env)
+            fqe_iterations=fqe_iterations, critic_interval=critic_interval, seed=seed,
+            online=online, env=env)
     except ValueError as err:  # a ConfigError names the option
         fail(err.as_option() if isinstance(err, ConfigError) else str(err))
 

@@ -610,6 +610,11 @@ class EvaluateConfig:
     fqe_iterations: int | None = option(
         None, "FQE Bellman backups (default: FQEConfig's).", ge=1
     )
+    critic_interval: str = option(
+        "refit", "Interval of dr, wdr, fqe: refit (the critic refitted on each resample) or "
+        "fixed (fast: the critic held fixed, too narrow when its error matters).",
+        choices=("refit", "fixed"),
+    )
     seed: int = option(0, "Seed of the bootstrap, critic and rollouts.")
     online: int = option(
         0, "Also roll out N seeded episodes when the env can be built (0: none).", ge=0

@@ -84,6 +84,7 @@ def test_json_is_one_object_and_progress_goes_to_stderr_only_without_it(tmp_path
     assert shown.exit_code == 0, shown.output
     for stage in ("OPE: importance sampling", "OPE: fitting the FQE critic", "rollouts: 1"):
         assert stage in shown.stderr and stage not in shown.stdout, (stage, shown.stderr)
+    assert "fqe intervals: the critic refitted on each resample" in shown.stdout  # labelled
     quiet = CliRunner().invoke(app, [*args, "--json", "--gamma", "0.8"])
     assert quiet.exit_code == 0, quiet.output
     assert quiet.stderr == ""  # no progress under --json
@@ -379,7 +380,7 @@ def test_every_option_reaches_the_computation(tmp_path: Path) -> None:
     path, policy = _policy_file(tmp_path, TrainConfig(gamma=0.9))
     base = ["evaluate", str(path), "--dataset", str(DATASET), "--json"]
     options = ["--estimators", "is,fqe", "--level", "0.5", "--n-boot", "30", "--seed", "5",
-               "--delta", "0.3", "--fqe-iterations", "3"]
+               "--delta", "0.3", "--fqe-iterations", "3", "--critic-interval", "fixed"]
     result = CliRunner().invoke(app, [*base, *options])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
@@ -387,14 +388,19 @@ def test_every_option_reaches_the_computation(tmp_path: Path) -> None:
     batch = load_steps(DATASET)
     expected = ope.evaluate_offline(policy, batch, batch.logged_logp, gamma=0.9, n_boot=30,
                                     seed=5, level=0.5, delta=0.3, estimators=("is",))[0]
-    fqe = ope.evaluate_offline(policy, batch, batch.logged_logp, gamma=0.9, n_boot=30, seed=5,
-                               level=0.5, fqe=ope.FQEConfig(iterations=3),
-                               estimators=("fqe",))[0]
+    fqe, refit = (ope.evaluate_offline(
+        policy, batch, batch.logged_logp, gamma=0.9, n_boot=30, seed=5, level=0.5,
+        fqe=ope.FQEConfig(iterations=3), estimators=("fqe",), critic_interval=kind)[0]
+        for kind in ("fixed", "refit"))
     got = data["ope"]["is"]
     assert (got["ci_low"], got["ci_high"]) == pytest.approx(
         (expected.ci_low, expected.ci_high), rel=1e-12)
     assert got["lower_bound"] == pytest.approx(expected.lower_bound, rel=1e-12)
     assert data["ope"]["fqe"]["value"] == pytest.approx(fqe.value, rel=1e-6)
+    assert data["critic_interval"] == "fixed"
+    assert (data["ope"]["fqe"]["ci_low"], data["ope"]["fqe"]["ci_high"]) == pytest.approx(
+        (fqe.ci_low, fqe.ci_high), rel=1e-6)
+    assert (refit.ci_low, refit.ci_high) != pytest.approx((fqe.ci_low, fqe.ci_high), rel=1e-3)
     default = ope.evaluate_offline(policy, batch, batch.logged_logp, gamma=0.9, n_boot=30,
                                    estimators=("is",))[0]
     assert (default.ci_low, default.lower_bound) != pytest.approx(

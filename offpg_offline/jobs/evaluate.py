@@ -103,6 +103,7 @@ class Evaluation:
     run_id: str | None = None
     evaluation_run_id: str | None = None
     validation_source: str | None = None  # "recorded" or "recomputed"
+    critic_interval: str = "refit"  # how dr/wdr/fqe intervals were made
     validation_digest: str | None = None
 
     def metrics(self) -> dict[str, float]:
@@ -129,7 +130,8 @@ class Evaluation:
             out.update({"checkpoint_choice": self.target.choice, "step": self.target.step,
                         "criterion": self.target.criterion})
         out.update({"dataset": str(self.dataset), "split": self.split,
-                    "n_episodes": self.n_episodes, "gamma": self.gamma, "level": self.level})
+                    "n_episodes": self.n_episodes, "gamma": self.gamma, "level": self.level,
+                    "critic_interval": self.critic_interval})
         out["ope"] = {e.name: {"value": e.value, "ci_low": e.ci_low, "ci_high": e.ci_high,
                                "ess": e.ess, "lower_bound": e.lower_bound}
                       for e in self.estimates}
@@ -381,14 +383,17 @@ def estimate(target: Target, held_out: Any, behavior_logp: Tensor, critic_batch:
     fqe = ope.FQEConfig() if config.fqe_iterations is None else ope.FQEConfig(
         iterations=config.fqe_iterations)
     common = dict(gamma=gamma, n_boot=config.n_boot, seed=config.seed, level=config.level,
-                  delta=config.delta, fqe=fqe, critic_batch=critic_batch)
+                  delta=config.delta, fqe=fqe, critic_batch=critic_batch,
+                  critic_interval=config.critic_interval)
+    refits = (f"refitting it on {min(config.n_boot, 200)} resamples"
+              if config.critic_interval == "refit" else "holding it fixed")
     found: dict[str, Any] = {}
     n = held_out.n_episodes
     stages = [([name for name in config.estimators if name in _IS_NAMES],
                f"OPE: importance sampling and {config.n_boot} bootstrap resamples on {n} episodes"),
               ([name for name in config.estimators if name in _CRITIC_NAMES],
-               f"OPE: fitting the FQE critic ({fqe.iterations} backups) and bootstrapping "
-               f"{config.n_boot} resamples on {n} episodes")]
+               f"OPE: fitting the FQE critic ({fqe.iterations} backups), {refits}, and "
+               f"bootstrapping {config.n_boot} resamples on {n} episodes")]
     for names, text in stages:
         if names:
             started = _stage(progress, text + " …")
@@ -498,7 +503,7 @@ def _evaluate(chosen: Target | None, source: RunSource | None, dataset: Path | N
     estimates = estimate(target, held_out, behavior_logp, critic_batch, config, gamma, progress)
     result = Evaluation(target, folder, split, held_out.n_episodes, gamma, config.level,
                         config.delta, estimates, run_id=source.run_id if source else None,
-                        validation_source=how)
+                        validation_source=how, critic_interval=config.critic_interval)
     if held_ids is not None:
         from offpg_offline.data.split import validation_digest
 
@@ -529,6 +534,7 @@ def evaluation_tags(result: Evaluation, card: Mapping[str, Any],
         "offpg.eval.gamma": f"{result.gamma:g}",
         "offpg.eval.estimators": ",".join(config.estimators),
         "offpg.eval.seed": str(config.seed),
+        "offpg.eval.critic_interval": config.critic_interval,
         "offpg.eval.checkpoint": result.target.choice or result.target.name,
         "offpg.eval.checkpoint_step": str(result.target.step),
         "offpg.eval.criterion": str(result.target.criterion),
@@ -612,6 +618,11 @@ def show_evaluation(result: Evaluation, width: int = 100) -> str:
         table.add_row(e.name, f"{e.value:.4g}", f"[{e.ci_low:.4g}, {e.ci_high:.4g}]",
                       f"{e.ess:.1f} / {e.n_episodes}", bound)
     console.print(table)
+    critics = [e.name for e in result.estimates if e.name in _CRITIC_NAMES]
+    if critics:
+        how = ("the critic refitted on each resample" if result.critic_interval == "refit" else
+               "the critic held fixed (fast; leaves out its fitting error: too narrow)")
+        console.print(f"{', '.join(critics)} intervals: {how}", soft_wrap=True, markup=False)
     if result.online:
         online = Table(title=f"online, {result.online_env}")
         for column in ("policy", "episodes", "return (undiscounted)",
