@@ -125,7 +125,7 @@ class TrainConfig:
     batch_episodes: int = option(
         32, "Whole episodes per batch (trajectory, per-decision, past-weight).", gt=0, lt=2**31
     )
-    batch_steps: int = option(2048, "Steps per batch (per-step).", gt=0, lt=2**31)
+    batch_steps: int = option(2048, "Steps per batch (per-step, critic).", gt=0, lt=2**31)
     hidden: tuple[int, ...] = option(
         (64, 64), "MLP hidden sizes, e.g. 64,64 (each at most 65536).", gt=0, le=65536
     )
