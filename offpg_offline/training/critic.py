@@ -6,12 +6,13 @@ row's columns before the steps are separated (`step_targets`, called per whole-e
 
 * per-step: reward column := G_t = Σ_{t'≥t} γ^{t'−t} r_{t'} (Monte-Carlo return-to-go);
 * critic (`EstimatorSpec.critic`): reward column := Q̂_t = r_t + γ·1[t not last]·V̂(s_{t+1}),
-  the one-step (TD(0)) action value of an in-sample critic V̂ ≈ V^β. V̂ is the value network
-  of `prepare.fit_value_baseline` (regressed on the logged returns-to-go of the training
-  episodes, i.e. the τ = 0.5 expectile of G_t given s_t: a Monte-Carlo estimate of V^β), fitted
-  once before the loop; with `baseline = value` it is also b(s_t), so the advantage is the TD
-  error Â_t = r_t + γV̂(s_{t+1}) − V̂(s_t) (A2C/IQL-style with τ = 0.5). An episode's end
-  bootstraps 0, as G_t does (the log's episode ends are the horizon the value was fitted on).
+  the one-step (TD(0)) action value of an in-sample critic V̂ ≈ V^β; with `critic_lambda` λ the
+  GAE(λ) target (λ = 1: G_t). V̂ is `prepare.fit_value_baseline`'s MLP (regressed on the logged
+  returns-to-go of the training episodes, i.e. the τ = 0.5 expectile of G_t given s_t: a
+  Monte-Carlo estimate of V^β), trained `prepare.CRITIC_FIT_STEPS` steps once before the loop;
+  with `baseline = value` it is also b(s_t), so the advantage is the TD error
+  Â_t = r_t + γV̂(s_{t+1}) − V̂(s_t) (A2C/IQL-style with τ = 0.5). An episode's end bootstraps 0,
+  as G_t does (the log's episode ends are the horizon the value was fitted on).
 
   E_β[Q̂_t | s_t, a_t] = Q^β(s_t, a_t) + γ E[(V̂ − V^β)(s_{t+1}) | s_t, a_t]: with an exact V^β
   the critic target has the same expectation as G_t (so the critic estimator has per-step's
