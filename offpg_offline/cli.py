@@ -8,8 +8,9 @@ default taken from the field. User errors print one line and exit with code 2.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -19,9 +20,8 @@ from offpg_offline.cli_options import OneLineErrors, config_options, print_error
 from offpg_offline.config import (
     SELECT_ESTIMATORS,
     ConfigError,
-    EstimatorName,
+    EvaluateConfig,
     FitConfig,
-    Propensity,
     RunConfig,
     TrackingConfig,
     TrainConfig,
@@ -52,13 +52,22 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(code=2)
 
 
+@contextlib.contextmanager
+def _refused(*errors: type[BaseException]) -> Iterator[None]:
+    """Errors of these kinds (default ValueError, FileNotFoundError) raised by the body are
+    the user's: print them on one line and exit 2."""
+    caught = errors or (ValueError, FileNotFoundError)
+    try:
+        yield
+    except caught as err:
+        fail(str(err))
+
+
 def _resolve(config: Path | None, train_options: dict[str, Any],
              tracking_options: dict[str, Any]) -> RunConfig:
     """The TOML file (or defaults) with the given options on top; errors name the option."""
-    try:
+    with _refused(ValueError):
         run = load_config(config) if config else RunConfig()
-    except ValueError as err:
-        fail(str(err))
     try:
         return dataclasses.replace(
             run, train=dataclasses.replace(run.train, **train_options),
@@ -68,23 +77,40 @@ def _resolve(config: Path | None, train_options: dict[str, Any],
         fail(err.as_option() if given or config is None else f"{config}: {err}")
 
 
-def _check_output(out_dir: Path | None, option: str = "--out-dir") -> None:
-    """Refuse an output folder that is a file or not writable, before any work."""
-    if out_dir is not None:
-        try:
-            check_output_folder(out_dir, option)
-        except ValueError as err:
-            fail(str(err))
-
-
-def _has_card(folder: Path) -> bool:
-    """Whether `folder` is a dataset folder (its card is `store.card_path(folder)`)."""
+def _check_paths(dataset: Path, out_dir: Path | None, option: str = "--out-dir") -> None:
+    """Refuse, before any work, a DATASET that is not a dataset folder and an output folder
+    that is a file or not writable."""
     from offpg_offline.data.store import is_dataset
 
-    return is_dataset(folder)
+    if not is_dataset(dataset):
+        fail(f"{dataset} is not a dataset folder (no _dataset.json); make one with `offpg ingest`")
+    if out_dir is not None:
+        with _refused(ValueError):
+            check_output_folder(out_dir, option)
 
 
 # --- data commands (ingest minari, ingest parquet, info) ---
+
+
+@contextlib.contextmanager
+def _progress_bar(quiet: bool) -> Iterator[Callable[[int, int | None], None]]:
+    """A transient rows-written bar on a terminal's stderr; yields `advance(rows, total)`."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    console = Console(stderr=True)
+    with Progress(TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+                  console=console, transient=True,
+                  disable=quiet or not console.is_terminal) as bar:
+        task = bar.add_task("ingest", total=None)
+        yield lambda rows, total: bar.update(task, total=total, advance=rows)
+
+
+def _report_ingest(result: Any) -> None:
+    """Our warnings (yellow, stderr), then the written dataset's one-line summary."""
+    for warning in result.warnings:
+        typer.secho(f"warning: {warning}", err=True, fg="yellow")
+    typer.echo(result.summary())
 
 
 @ingest_app.command("minari")
@@ -100,33 +126,14 @@ def ingest_minari_command(
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Convert a Minari dataset (arrow or hdf5) into the canonical Parquet format."""
-    import warnings
+    from offpg_offline.jobs import ingest
 
-    from rich.console import Console
-    from rich.progress import Progress, TextColumn
-
-    from offpg_offline.data.minari import ingest_minari
-    from offpg_offline.data.store import read_card
-
-    console = Console(stderr=True)
-    with warnings.catch_warnings(record=True) as caught, Progress(
-            TextColumn("ingest {task.completed:,} steps"), console=console, transient=True,
-            disable=quiet or not console.is_terminal) as bar:
-        warnings.simplefilter("always")
-        task = bar.add_task("ingest", total=None)
-        try:
-            path = ingest_minari(dataset, out, download=download, propensity_key=propensity_key,
-                                 propensity_kind=propensity_kind, overwrite=overwrite,
-                                 progress=lambda rows: bar.advance(task, rows))
-        except (ValueError, FileNotFoundError, OSError) as err:  # DataError is a ValueError
-            fail(str(err))
-    for warning in caught:  # ours only; minari's own warnings are about its metadata
-        if str(warning.message).startswith("Minari dataset"):
-            typer.secho(f"warning: {warning.message}", err=True, fg="yellow")
-    card = read_card(path)
-    logged = card["propensity"]["logged_logp"]
-    typer.echo(f"wrote {path}: {card['counts']['episodes']} episodes, {card['counts']['steps']} "
-               f"steps; logged_logp: {logged['source'] if logged else 'none (no propensity)'}")
+    with _progress_bar(quiet) as advance:
+        with _refused(ValueError, OSError):
+            result = ingest.ingest_minari_dataset(
+                dataset, out, download=download, propensity_key=propensity_key,
+                propensity_kind=propensity_kind, overwrite=overwrite, progress=advance)
+    _report_ingest(result)
 
 
 @ingest_app.command("parquet")
@@ -177,43 +184,19 @@ def ingest_parquet_command(
              "card keeps for rollouts.")] = "executed",
 ) -> None:
     """Convert foreign Parquet/CSV step logs into the canonical Parquet format."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from offpg_offline.jobs import ingest
 
-    from offpg_offline.data import parquet
-
-    try:
-        cli_mapping = parquet.ColumnMapping(
-            columns=parquet.parse_map(map_ or []), obs_cols=tuple(obs_cols or ()),
-            next_obs_cols=tuple(next_obs_cols or ()), action_cols=tuple(action_cols or ()),
-            propensity_col=propensity_col, propensity_kind=propensity_kind,
-            done_means=done_means, categorical_cols=tuple(categorical_cols or ()))
-        column_mapping = (parquet.merge_mappings(parquet.load_mapping(mapping), cli_mapping)
-                          if mapping else cli_mapping)
-        space = parquet.parse_action_space(action_space) if action_space else None
-        from offpg_offline.data.envspec import parse_env_kwargs
-
-        kwargs = parse_env_kwargs(env_kwargs or [])
-        files = parquet.input_files(paths)
-        console = Console(stderr=True)
-        with Progress(TextColumn("ingest"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("steps"), console=console, transient=True,
-                      disable=quiet or not console.is_terminal) as bar:
-            task = bar.add_task("ingest", total=parquet.count_rows(files))
-            result = parquet.ingest_parquet(
-                files, out, mapping=column_mapping, action_space=space, env_id=env, name=name,
-                description=description, overwrite=overwrite,
-                progress=lambda rows: bar.advance(task, rows), bandit=bandit,
-                categories_from=categories_from, env_kwargs=kwargs, actions=actions)
-    except (ValueError, FileNotFoundError, OSError) as err:  # DataError is a ValueError
-        fail(str(err))
-    for warning in result.warnings:
-        typer.secho(f"warning: {warning}", err=True, fg="yellow")
-    card = result.card
-    logged = card["propensity"]["logged_logp"]
-    typer.echo(f"wrote {result.path}: {card['counts']['episodes']} episodes, "
-               f"{card['counts']['steps']} steps in {len(card['files'])} file(s); logged_logp: "
-               f"{logged['source'] if logged else 'none (no propensity)'}")
+    options = ingest.ParquetOptions(
+        map=map_ or (), mapping=mapping, obs_cols=obs_cols or (), next_obs_cols=next_obs_cols or (),
+        action_cols=action_cols or (), propensity_col=propensity_col,
+        propensity_kind=propensity_kind, done_means=done_means, action_space=action_space,
+        env=env, env_kwargs=env_kwargs or (), name=name, description=description,
+        overwrite=overwrite, bandit=bandit, categorical_cols=categorical_cols or (),
+        categories_from=categories_from, actions=actions)
+    with _progress_bar(quiet) as advance:
+        with _refused(ValueError, OSError):
+            result = ingest.ingest_parquet_files(paths, out, options, progress=advance)
+    _report_ingest(result)
 
 
 ingest_app.command("csv", help="Convert foreign CSV (or Parquet) step logs into the canonical "
@@ -231,16 +214,14 @@ def info(
     """Counts, spaces, episode statistics, propensities and provenance of DATASET."""
     import json
 
-    from offpg_offline.data.info import dataset_info, format_info
+    from offpg_offline.data.info import format_info
+    from offpg_offline.jobs.ingest import dataset_report
 
-    try:
-        result = dataset_info(dataset, verify=verify)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        fail(str(err))
+    with _refused(ValueError, OSError):
+        result, problem = dataset_report(dataset, verify=verify)
     typer.echo(json.dumps(result, indent=2) if as_json else format_info(result))
-    if result["verify"] is not None and not result["verify"]["ok"]:
-        problems = result["verify"]["problems"]
-        fail(f"{dataset}: --verify found {len(problems)} problem(s), the first: {problems[0]}")
+    if problem is not None:
+        fail(problem)
 
 
 # --- train command ---
@@ -272,64 +253,27 @@ def train(
         _resume(dataset, resume, out_dir, given)
         return
     run = _resolve(config, train_options, tracking_options)
-    if not _has_card(dataset):
-        fail(f"{dataset} is not a dataset folder (no _dataset.json); make one with `offpg ingest`")
     if nproc < 1:
         fail(f"--nproc must be at least 1, got {nproc}")
-    _check_output(out_dir)
-    if nproc > 1:
-        _launch_torchrun(dataset, run, nproc, out_dir)
-
-    import os
-
-    if os.environ.get("RANK", "0") != "0":  # a torchrun rank other than 0: no tracking, no output
-        from offpg_offline import train as train_job  # torch loads only here
-
-        try:
-            train_job.train(dataset, run.train, out_dir=out_dir)
-        except (ValueError, FileNotFoundError) as err:
-            fail(str(err))
-        return
-    try:
+    _check_paths(dataset, out_dir)
+    if nproc > 1:  # N ranks of this command under torchrun; exit with torchrun's status
+        with _refused(ValueError):
+            code = record.launch_ranks(dataset, run, nproc, out_dir)
+        if code:
+            fail(f"torchrun exited with status {code} (see the rank messages above)")
+        raise typer.Exit(0)
+    with _refused():
         run_id, result = record.train_run(dataset, run, out_dir)
-    except (ValueError, FileNotFoundError) as err:
-        fail(str(err))
-    from offpg_offline import tracking
-
-    summary = [f"run {run_id} ({record.run_name(run.train)})"]
-    for key in ("bc/return_mean", "online/return_mean", "online/greedy_return_mean",
-                "ope/pdis_validation", "weights/ess_fraction"):
-        if key in result.metrics:
-            summary.append(f"{key} {result.metrics[key]:.4g}")
-    if getattr(result, "online_skipped", None):
-        summary.append(f"online evaluation skipped: {result.online_skipped}")
-    typer.echo("; ".join(summary))
-    typer.echo(f"checkpoint: {result.checkpoint}")
-    uri = tracking.resolve_uri(run.tracking)
-    typer.echo(f"view: offpg ui  (or: mlflow ui --backend-store-uri {uri})")
-
-
-def _launch_torchrun(dataset: Path, run: RunConfig, nproc: int, out_dir: Path | None) -> NoReturn:
-    """`--nproc N`: N ranks of this command under torchrun; exits with torchrun's status."""
-    try:
-        code = record.launch_ranks(dataset, run, nproc, out_dir)
-    except ValueError as err:
-        fail(str(err))
-    if code:
-        fail(f"torchrun exited with status {code} (see the rank messages above)")
-    raise typer.Exit(0)
+    if run_id is not None:  # None: a torchrun rank other than 0 (no tracking, no output)
+        typer.echo(record.run_summary(run_id, run, result))
 
 
 def _resume(dataset: Path, run_id: str, out_dir: Path | None, given: list[str]) -> None:
     """`offpg train DATASET --resume RUN_ID`: same run, same config, from the last checkpoint."""
     if given:
         fail(f"--resume takes the run's own configuration; drop {given[0]}")
-    if not run_id.replace("-", "").replace("_", "").isalnum() or not run_id.isascii():
-        fail(f"--resume {run_id!r} is not a run id (letters, digits, '-' and '_' only)")
-    try:
+    with _refused():
         checkpoint, result = record.resume_run(dataset, run_id, out_dir)
-    except (ValueError, FileNotFoundError) as err:
-        fail(str(err))
     typer.echo(f"run {run_id} resumed from {checkpoint.name}; "
                f"online/return_mean {result.metrics.get('online/return_mean', float('nan')):.4g}")
     typer.echo(f"checkpoint: {result.checkpoint}")
@@ -356,14 +300,10 @@ def behavior_fit(
         config = FitConfig(**fit_options)
     except ConfigError as err:
         fail(err.as_option())
-    if not _has_card(dataset):
-        fail(f"{dataset} is not a dataset folder (no _dataset.json); make one with `offpg ingest`")
-    _check_output(out, "--out")
-    try:
+    _check_paths(dataset, out, "--out")
+    with _refused():
         run_id, report = record.fit_run(dataset, config, out=out, in_place=in_place,
                                         experiment=experiment, track=track, progress=typer.echo)
-    except (ValueError, FileNotFoundError) as err:
-        fail(str(err))
     if run_id is not None:
         typer.echo(f"MLflow run {run_id}")
     typer.echo(report.summary())
@@ -375,6 +315,7 @@ _OPE_NAMES = SELECT_ESTIMATORS  # the one OPE name list; == ope.ESTIMATE_NAMES (
 
 
 @app.command()
+@config_options(EvaluateConfig, into="evaluate_options", panel="Evaluation")
 def evaluate(
     target: Annotated[str | None, typer.Argument(
         help="MLflow run id, a training output folder, or a checkpoint file (.pt).")] = None,
@@ -385,50 +326,22 @@ def evaluate(
         help="Instead of TARGET: 'uniform', a checkpoint (.pt), or a Parquet file with "
              "episode_id, step and a list column action_probs aligned with the dataset's rows.")
     ] = None,
-    checkpoint: Annotated[str, typer.Option(
-        help="Which checkpoint of a run or folder: shipped (selected.pt when selection ran, "
-             "else final.pt), final, selected or step-N.")] = "shipped",
-    split: Annotated[str | None, typer.Option(
-        help="validation: the episodes the run held out (the ids it recorded); all: every "
-             "episode (default: validation, or all with --dataset).")] = None,
-    online: Annotated[int, typer.Option(
-        help="Also roll out N seeded episodes when the env can be built (0: none).")] = 0,
-    estimators: Annotated[str, typer.Option(
-        help=f"Comma-separated subset of {','.join(_OPE_NAMES)}.")] = ",".join(_OPE_NAMES),
-    gamma: Annotated[float | None, typer.Option(
-        help="Discount γ of OPE and of the discounted online return (default: the run's).")
-    ] = None,
-    propensity: Annotated[Propensity | None, typer.Option(
-        help="Column holding log π_β (default: the run's).")] = None,
-    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples over episodes.")] = 1000,
-    level: Annotated[float, typer.Option(help="Coverage of the bootstrap interval.")] = 0.95,
-    delta: Annotated[float, typer.Option(help="HCOPE bounds hold w.p. ≥ 1 − delta.")] = 0.05,
-    fqe_iterations: Annotated[int | None, typer.Option(help="FQE Bellman backups.")] = None,
-    critic_interval: Annotated[str, typer.Option(
-        help="Interval of dr, wdr, fqe: refit (the critic refitted on each resample) or fixed "
-             "(fast: the critic held fixed, too narrow when its error matters).")] = "refit",
-    seed: Annotated[int, typer.Option(help="Seed of the bootstrap, critic and rollouts.")] = 0,
-    env: Annotated[str | None, typer.Option(help="gymnasium env id (default: the card's).")] = None,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print one JSON object (no table, no progress lines).")] = False,
+    *,
+    evaluate_options: dict[str, Any],
 ) -> None:
     """Estimate the value of a policy off-policy (and online), with intervals and γ shown.
 
     A run's evaluation is logged as a nested MLflow run under it (its metrics are untouched).
     """
-    from offpg_offline.config import ConfigError, EvaluateConfig
-
-    names = tuple(name.strip() for name in estimators.split(",") if name.strip())
+    names = evaluate_options.get("estimators", _OPE_NAMES)
     unknown = sorted(set(names) - set(_OPE_NAMES))
     if unknown or not names:
         fail(f"--estimators: unknown {', '.join(unknown) or '(empty)'}; "
              f"choose from {','.join(_OPE_NAMES)}")
     try:
-        config = EvaluateConfig(
-            estimators=names, gamma=gamma, propensity=propensity, checkpoint=checkpoint,
-            split=split, n_boot=n_boot, level=level, delta=delta,
-            fqe_iterations=fqe_iterations, critic_interval=critic_interval, seed=seed,
-            online=online, env=env)
+        config = EvaluateConfig(**evaluate_options)
     except ValueError as err:  # a ConfigError names the option
         fail(err.as_option() if isinstance(err, ConfigError) else str(err))
 
@@ -438,11 +351,9 @@ def evaluate(
     def progress(line: str) -> None:
         typer.echo(line, err=True)
 
-    try:
+    with _refused():
         result = job.evaluate(target, dataset=dataset, policy=policy, config=config,
                               progress=None if as_json else progress)
-    except (ValueError, FileNotFoundError) as err:
-        fail(str(err))
     if as_json:
         import json
 
@@ -452,36 +363,6 @@ def evaluate(
 
 
 # --- compare / ui / sweep commands ---
-
-
-def _show_comparison(client: Any, experiment_id: str, experiment: str, runs: list[Any],
-                     metric: str, *, ope: str | None, lower_is_better: bool, as_json: bool,
-                     plot: Path | None, parent: str | None) -> None:
-    """Rank and plot (`record.comparison`), then print the table (or JSON)."""
-    ope, groups, saved = record.comparison(client, experiment, runs, metric, ope=ope,
-                                           lower_is_better=lower_is_better, plot=plot,
-                                           parent=parent)
-    _print_comparison(experiment, experiment_id, runs, metric, ope, groups, saved,
-                      lower_is_better=lower_is_better, as_json=as_json)
-
-
-def _print_comparison(experiment: str, experiment_id: str, runs: list[Any], metric: str,
-                      ope: str | None, groups: list[Any], saved: list[str], *,
-                      lower_is_better: bool, as_json: bool) -> None:
-    import json
-
-    from offpg_offline import compare as ranking
-
-    if as_json:
-        typer.echo(json.dumps({"experiment": experiment, "experiment_id": experiment_id,
-                               "metric": metric, "ope": ope, "plot": saved,
-                               "groups": [g.as_dict() for g in groups]}, indent=2))
-        return
-    typer.echo(f"experiment {experiment} ({len(runs)} runs in {len(groups)} configurations; "
-               f"mean ± sd over seeds; ranked by {metric}, "
-               f"{'lower' if lower_is_better else 'higher'} is better)")
-    typer.echo(ranking.format_table(groups, metric, ope))
-    typer.echo(f"plot: {'; '.join(saved)}")
 
 
 @app.command()
@@ -510,37 +391,20 @@ def sweep(
     """Train every estimator × grid cell × seed as child runs of one parent MLflow run.
 
     The training options set every run (a --grid over the same key wins)."""
-    try:
-        estimators = [EstimatorName(e.strip()) for e in estimator.split(",") if e.strip()]
-    except ValueError as err:
-        fail(f"--estimator: {err}; choose from {', '.join(e.value for e in EstimatorName)}")
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError:
-        fail(f"--seeds must be comma-separated integers, got {seeds!r}")
-    if not estimators or not seed_list:
-        fail("--estimator and --seeds need at least one value each")
-    try:
-        axes = [sweeps.grid_values(spec) for spec in grid or []]
-    except ValueError as err:
-        fail(str(err))
+    with _refused(ValueError):
+        estimators, seed_list, axes = sweeps.parse_sweep(estimator, seeds, grid or [])
     varied = [key for key, values in axes if len(values) > 1]
     base = _resolve(config, train_options, tracking_options)
-    try:
+    with _refused(ValueError):
         configs = sweeps.plan(base.train, estimators, seed_list, axes)
-    except ValueError as err:
-        fail(str(err))
-    if not _has_card(dataset):
-        fail(f"{dataset} is not a dataset folder (no _dataset.json); make one with `offpg ingest`")
-    _check_output(out_dir)
-    try:
+    _check_paths(dataset, out_dir)
+    with _refused():
         result = sweeps.run_sweep(dataset, base, configs, grid=grid or [], varied=varied,
                                   metric=metric, out_dir=out_dir, progress=typer.echo)
-    except (ValueError, FileNotFoundError) as err:
-        fail(str(err))
     typer.echo(f"sweep {result.parent_run_id}: {len(result.runs)} child runs")
-    _print_comparison(result.experiment, "", result.runs, metric, result.ope, result.groups,
-                      result.plot, lower_is_better=False, as_json=False)
+    typer.echo(record.comparison_text(result.experiment, "", result.runs, metric, result.ope,
+                                      result.groups, result.plot, lower_is_better=False,
+                                      as_json=False))
 
 
 @app.command("compare")
@@ -564,26 +428,14 @@ def compare_command(
 
     The plot goes to the sweep's parent run when the runs share one, else to a PNG file.
     """
-    from offpg_offline import tracking
-
-    try:
-        client = tracking.open_client(TrackingConfig())
-        experiment_id, name = tracking.find_experiment(client, experiment)
-        runs = tracking.find_runs(client, experiment_id, parent_run_id=sweep_run)
-        if any(m and m.startswith("eval:") for m in (metric, ope)):  # evaluate's nested runs
-            from offpg_offline.compare import attach_evaluations
-            from offpg_offline.jobs.evaluate import find_evaluations
-
-            runs = attach_evaluations(runs, find_evaluations(client, experiment_id))
-    except ValueError as err:
-        fail(str(err))
-    if not runs:
-        where = f"sweep {sweep_run}" if sweep_run else f"experiment {name}"
-        fail(f"no finished training runs in {where}")
-    parents = {run.tags.get("mlflow.parentRunId") for run in runs}
-    parent = sweep_run or (parents.pop() if len(parents) == 1 else None)
-    _show_comparison(client, experiment_id, name, runs, metric, ope=ope,
-                     lower_is_better=lower_is_better, as_json=as_json, plot=plot, parent=parent)
+    with _refused(ValueError):
+        client, experiment_id, name, runs, parent = record.compared_runs(
+            experiment, sweep_run, metric, ope)
+    ope, groups, saved = record.comparison(client, name, runs, metric, ope=ope,
+                                           lower_is_better=lower_is_better, plot=plot,
+                                           parent=parent)
+    typer.echo(record.comparison_text(name, experiment_id, runs, metric, ope, groups, saved,
+                                      lower_is_better=lower_is_better, as_json=as_json))
 
 
 @app.command()
@@ -596,54 +448,17 @@ def ui(
     ] = None,
 ) -> None:
     """Serve the MLflow UI for the project's store ($MLFLOW_TRACKING_URI or ./mlflow.db)."""
-    import signal
-    import socket
-    import tempfile
-
     from offpg_offline import tracking
+    from offpg_offline.jobs import ui as job
 
-    try:
-        uri = tracking.resolve_uri(TrackingConfig())
-    except ValueError as err:
-        fail(str(err))
-    new_store = uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
-    experiment_id = "0"  # an empty store: the Default experiment
-    if not new_store:  # (the server creates a new store itself)
-        try:
-            client = tracking.open_client(TrackingConfig(uri=uri))
-            experiment_id = tracking.find_experiment(client, experiment)[0]
-        except ValueError as err:
-            if experiment is not None or uri.startswith(("http://", "https://")):
-                fail(str(err))
-    elif experiment is not None:
-        fail(f"no MLflow experiment named {experiment!r}: {uri} does not exist yet")
-    if uri.startswith(("http://", "https://")):
-        typer.echo(f"{uri} is a tracking server with its own UI: "
-                   f"{tracking.experiment_url(uri, experiment_id)}")
-        return
-    with socket.socket() as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as err:
-            fail(f"cannot listen on {host}:{port} ({err.strerror}); pass another --port")
-    base = f"http://{host}:{port}"
-    typer.echo(f"starting mlflow server for {uri} ...")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server too
-    with tempfile.TemporaryDirectory() as tmp:
-        log = Path(tmp) / "server.log"
-        process = tracking.serve(uri, host=host, port=port, log=log)
-        try:
-            tracking.wait_until_ready(process, base)
-            typer.echo(f"MLflow UI: {tracking.experiment_url(base, experiment_id)}  "
-                       f"(server pid {process.pid}; Ctrl-C to stop)")
-            process.wait()
-        except KeyboardInterrupt:
-            pass
-        except (RuntimeError, TimeoutError) as err:
-            tail = log.read_text(errors="replace").strip().splitlines()[-5:]
-            fail(f"{err}; its last output: {' | '.join(tail) or 'none'}")
-        finally:
-            tracking.stop_server(process)
+    with _refused(ValueError):
+        uri, experiment_id = job.ui_store(experiment)
+        if job.is_server(uri):
+            typer.echo(f"{uri} is a tracking server with its own UI: "
+                       f"{tracking.experiment_url(uri, experiment_id)}")
+            return
+        job.check_port(host, port)
+        job.run_server(uri, experiment_id, host=host, port=port, progress=typer.echo)
 
 
 # --- upload-metrics command (reliability: a tracking server that went away) ---
@@ -659,10 +474,8 @@ def upload_metrics(
     """Send what a run kept locally when its tracking server stopped answering."""
     from offpg_offline import tracking
 
-    try:
+    with _refused(ValueError, OSError, tracking.MlflowException):
         run_id, sent = tracking.upload_unsent(run_dir, tracking_uri)
-    except (ValueError, OSError, tracking.MlflowException) as err:
-        fail(str(err))
     typer.echo(f"run {run_id}: sent {sent} metric values and the records kept in {run_dir}")
 
 

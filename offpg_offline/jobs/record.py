@@ -133,13 +133,19 @@ def train_recorded(tracker: Any, dataset: Path, card: dict[str, Any], run: RunCo
     return result
 
 
-def train_run(dataset: Path, run: RunConfig, out_dir: Path | None) -> tuple[str, Any]:
+def train_run(dataset: Path, run: RunConfig, out_dir: Path | None) -> tuple[str | None, Any]:
     """`offpg train`: a new MLflow run in the dataset's experiment; (run id, TrainResult).
 
     Checkpoints go to `out_dir`, else `runs/RUN_ID`; unsent metrics are kept beside them.
+    A torchrun rank other than 0 ($RANK) trains without tracking: (None, TrainResult).
     """
+    import os
+
     from offpg_offline import tracking
     from offpg_offline import train as train_job
+
+    if os.environ.get("RANK", "0") != "0":
+        return None, train_job.train(dataset, run.train, out_dir=out_dir)
     from offpg_offline.data.card import verify_parts
     from offpg_offline.data.store import read_card
 
@@ -162,6 +168,8 @@ def resume_run(dataset: Path, run_id: str, out_dir: Path | None) -> tuple[Path, 
     from offpg_offline import train as train_job
     from offpg_offline.data.store import read_card
 
+    if not run_id.replace("-", "").replace("_", "").isalnum() or not run_id.isascii():
+        raise ValueError(f"--resume {run_id!r} is not a run id (letters, digits, '-' and '_' only)")
     text = tracking.run_artifact_text(TrackingConfig(), run_id, "config.toml")
     run = parse_config(text, source=f"run {run_id} config.toml")
     folder = out_dir or Path("runs") / run_id
@@ -275,3 +283,66 @@ def comparison(client: Any, experiment: str, runs: list[Any], metric: str, *,
             target.write_bytes(figure.read_bytes())
             saved.append(str(target))
     return ope, groups, saved
+
+
+def compared_runs(experiment: str | None, sweep_run: str | None, metric: str,
+                  ope: str | None) -> tuple[Any, str, str, list[Any], str | None]:
+    """The finished training runs `offpg compare` ranks: (client, experiment id, experiment
+    name, runs, the parent run the plot goes to or None).
+
+    `eval:KEY` metrics attach each run's latest evaluation on its own validation split
+    (`compare.attach_evaluations`). Raises ValueError (one sentence) when there is none.
+    """
+    from offpg_offline import tracking
+
+    client = tracking.open_client(TrackingConfig())
+    experiment_id, name = tracking.find_experiment(client, experiment)
+    runs = tracking.find_runs(client, experiment_id, parent_run_id=sweep_run)
+    if any(m and m.startswith("eval:") for m in (metric, ope)):  # evaluate's nested runs
+        from offpg_offline.compare import attach_evaluations
+        from offpg_offline.jobs.evaluate import find_evaluations
+
+        runs = attach_evaluations(runs, find_evaluations(client, experiment_id))
+    if not runs:
+        where = f"sweep {sweep_run}" if sweep_run else f"experiment {name}"
+        raise ValueError(f"no finished training runs in {where}")
+    parents = {run.tags.get("mlflow.parentRunId") for run in runs}
+    parent = sweep_run or (parents.pop() if len(parents) == 1 else None)
+    return client, experiment_id, name, runs, parent
+
+
+def comparison_text(experiment: str, experiment_id: str, runs: list[Any], metric: str,
+                    ope: str | None, groups: list[Any], saved: list[str], *,
+                    lower_is_better: bool, as_json: bool) -> str:
+    """What `offpg compare` / `offpg sweep` print: the ranked table and where the plot went
+    (or one JSON object)."""
+    import json
+
+    from offpg_offline import compare as ranking
+
+    if as_json:
+        return json.dumps({"experiment": experiment, "experiment_id": experiment_id,
+                           "metric": metric, "ope": ope, "plot": saved,
+                           "groups": [g.as_dict() for g in groups]}, indent=2)
+    return "\n".join([
+        f"experiment {experiment} ({len(runs)} runs in {len(groups)} configurations; "
+        f"mean ± sd over seeds; ranked by {metric}, "
+        f"{'lower' if lower_is_better else 'higher'} is better)",
+        ranking.format_table(groups, metric, ope),
+        f"plot: {'; '.join(saved)}"])
+
+
+def run_summary(run_id: str, run: RunConfig, result: Any) -> str:
+    """What `offpg train` prints after a run: its headline metrics, checkpoint, how to view."""
+    from offpg_offline import tracking
+
+    summary = [f"run {run_id} ({run_name(run.train)})"]
+    for key in ("bc/return_mean", "online/return_mean", "online/greedy_return_mean",
+                "ope/pdis_validation", "weights/ess_fraction"):
+        if key in result.metrics:
+            summary.append(f"{key} {result.metrics[key]:.4g}")
+    if getattr(result, "online_skipped", None):
+        summary.append(f"online evaluation skipped: {result.online_skipped}")
+    uri = tracking.resolve_uri(run.tracking)
+    return "\n".join(["; ".join(summary), f"checkpoint: {result.checkpoint}",
+                      f"view: offpg ui  (or: mlflow ui --backend-store-uri {uri})"])

@@ -45,6 +45,26 @@ def grid_values(spec: str) -> tuple[str, list[Any]]:
         raise ValueError(f"--grid {key}: {err.problem}") from None
 
 
+def parse_sweep(estimator: str, seeds: str, grid: Sequence[str]
+                ) -> tuple[list[EstimatorName], list[int], list[tuple[str, list[Any]]]]:
+    """`--estimator a,b`, `--seeds 0,1,2` and the `--grid` specs → (estimators, seeds, axes).
+
+    Raises ValueError naming the option at fault.
+    """
+    try:
+        estimators = [EstimatorName(e.strip()) for e in estimator.split(",") if e.strip()]
+    except ValueError as err:
+        raise ValueError(f"--estimator: {err}; choose from "
+                         f"{', '.join(e.value for e in EstimatorName)}") from None
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    if not estimators or not seed_list:
+        raise ValueError("--estimator and --seeds need at least one value each")
+    return estimators, seed_list, [grid_values(spec) for spec in grid]
+
+
 def plan(base: TrainConfig, estimators: Sequence[EstimatorName], seeds: Sequence[int],
          axes: Sequence[tuple[str, list[Any]]]) -> list[TrainConfig]:
     """One validated config per estimator × grid cell × seed, in that nesting order.
