@@ -267,3 +267,27 @@ def test_a_usage_error_is_one_line_naming_the_option(workdir: Path) -> None:
     (only,) = result.stderr.splitlines()  # not click's usage panel
     assert only.startswith("error: Invalid value for '--lr': 'fast' is not a valid float (see `")
     assert only.endswith(" train --help`)")  # the program name is CliRunner's here
+
+
+def test_training_logs_the_discounted_online_return_with_the_runs_gamma(workdir: Path) -> None:
+    """Issue 12.4: next to Σ_t r_t, training logs Σ_t γ^t r_t with the run's γ (the quantity
+    `ope/*` estimates). CartPole pays 1 per step, so one episode of length L has the
+    discounted return (1 − γ^L)/(1 − γ) exactly (a hand formula, not the rollout code)."""
+    from mlflow import MlflowClient
+
+    gamma = 0.9
+    result = CliRunner().invoke(app, ["train", str(DATASETS / "cartpole-weak"), "--steps", "5",
+                                      "--init", "random", "--baseline", "none",
+                                      "--eval-episodes", "1", "--gamma", str(gamma)])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("cartpole-weak").experiment_id])
+    metrics = run.data.metrics
+    assert run.data.params["gamma"] == str(gamma)
+    for kind in ("", "greedy_"):
+        length = metrics[f"online/{kind}return_mean"]  # one episode: its length
+        assert length >= 1 and length == int(length)
+        expected = (1 - gamma ** length) / (1 - gamma)
+        # float32/float64 sum of ≤ 500 terms ≤ 10 in magnitude: 1e-9 relative is ample
+        assert metrics[f"online/{kind}discounted_return_mean"] == pytest.approx(expected, rel=1e-9)
+        assert metrics[f"online/{kind}discounted_return_std"] == 0.0

@@ -77,7 +77,9 @@ def resolve_env(card: Mapping[str, Any], config: TrainConfig) -> tuple[Any, str 
 def online_metrics(
     policy: nn.Module, env_id: str | None, config: TrainConfig, prefix: str = "online"
 ) -> dict[str, float]:
-    """Mean and std return of the stochastic and greedy policy over seeded episodes."""
+    """Mean and std return of the stochastic and greedy policy over seeded episodes: the
+    undiscounted Σ_t r_t (`return_*`) and the discounted Σ_t γ^t r_t with the run's γ
+    (`discounted_return_*`, the quantity the OPE estimates are compared with)."""
     if env_id is None:
         return {}
     from offpg_offline.rollout import evaluate_online
@@ -86,17 +88,19 @@ def online_metrics(
     runs = {
         "": evaluate_online(
             policy, env_id, episodes=config.eval_episodes, seed=10_000 + config.seed,
-            deterministic=False,
+            deterministic=False, gamma=config.gamma,
         ),
         "greedy_": evaluate_online(
             policy, env_id, episodes=config.eval_episodes, seed=10_000 + config.seed,
-            deterministic=True,
+            deterministic=True, gamma=config.gamma,
         ),
     }
     metrics: dict[str, float] = {}
     for kind, result in runs.items():
         metrics[f"{prefix}/{kind}return_mean"] = result.mean
         metrics[f"{prefix}/{kind}return_std"] = result.std
+        metrics[f"{prefix}/{kind}discounted_return_mean"] = result.discounted_mean
+        metrics[f"{prefix}/{kind}discounted_return_std"] = result.discounted_std
     return metrics
 
 
