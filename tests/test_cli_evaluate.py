@@ -435,3 +435,23 @@ def test_a_table_gets_the_critic_estimators_only_where_it_covers_the_next_states
             estimators=("wis", "fqe"), fqe_iterations=2, n_boot=5))
     evaluate(dataset=eps, policy=_behavior_table(cols), config=EvaluateConfig(
         estimators=("wis",), n_boot=5))  # the IS family needs π only on the logged states
+
+
+def test_evaluate_options_are_generated_from_evaluate_config() -> None:
+    """Every `EvaluateConfig` field is an option of `offpg evaluate` with the field's help and
+    its default shown (issue 14.3): adding a field adds the option."""
+    import dataclasses
+
+    import typer
+
+    command = typer.main.get_command(app).commands["evaluate"]  # type: ignore[attr-defined]
+    params = {opt: param for param in command.params for opt in param.opts}
+    rendered = " ".join(CliRunner(env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"}).invoke(
+        app, ["evaluate", "--help"]).output.split())
+    for f in dataclasses.fields(EvaluateConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in params, f"no option for EvaluateConfig.{f.name}"
+        assert params[flag].help == f.metadata["help"]
+        assert flag in rendered
+    assert "[default: (1000)]" in rendered and "[default: (refit)]" in rendered  # n-boot's, ...
+    assert "[default: (is,wis,pdis,wpdis,dr,wdr,fqe)]" in rendered  # --estimators'
