@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[50, 200])
     parser.add_argument("--reps", type=int, default=100)
     parser.add_argument("--n-boot", type=int, default=1000, help="resamples, fixed intervals")
-    parser.add_argument("--n-refit", type=int, default=200, help="critics, refit intervals")
+    parser.add_argument("--n-refit", type=int, default=100, help="critics, refit intervals")
     args = parser.parse_args()
     torch.set_num_threads(1)
     began = time.perf_counter()

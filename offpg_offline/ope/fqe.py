@@ -42,7 +42,8 @@ class FQEConfig:
     min(T, 1/(1 − γ)) or more: on the shipped CartPole log (γ = 0.99, a trained, nearly greedy
     π), K = 40 reached 40% of the online discounted value and K = 500 76–86% over two seeds;
     for a behavior-cloned π, 98%. The critic's seed moves FQE by about 10% there, which the
-    bootstrap interval (critic held fixed) does not show. The defaults cost 5000 Adam steps.
+    fixed-critic interval does not show; the refit interval does (each refitted critic has its
+    own initialisation). The defaults cost 5000 Adam steps per critic.
     """
 
     hidden: tuple[int, ...] = (64, 64)  # tanh MLP; () is linear (tabular on one-hot states)

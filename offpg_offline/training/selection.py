@@ -43,6 +43,8 @@ class Selector:
             n_boot=200,
             seed=self.config.seed,
             critic_batch=self.critic_batch,
+            # refitting the critic per resample only pays when the interval is the score
+            critic_interval="refit" if self.estimator != self.config.select_by else "fixed",
         )
         self.scores[step] = (path, selection_score(estimates, self.config.select_by or ""))
         metrics = {
