@@ -63,17 +63,19 @@ def behavior_cloned(dataset: Path, config: TrainConfig, out: Path) -> Path:
     return out
 
 
-def build_policies(dataset: Path, config: TrainConfig, select_by: str, tmp: Path
-                   ) -> dict[str, tuple[Path, str]]:
-    """{policy name: (training output folder, checkpoint choice)} for the three policies."""
-    folders = {
-        "bc": (behavior_cloned(dataset, config, tmp / "bc"), "final"),
-    }
-    train(dataset, config, tracker=NullTracker(), out_dir=tmp / "default")
-    folders["default"] = (tmp / "default", "final")
-    selecting = dataclasses.replace(config, select_by=select_by)
-    train(dataset, selecting, tracker=NullTracker(), out_dir=tmp / "selected")
-    folders["selected"] = (tmp / "selected", "selected")
+def build_policies(dataset: Path, config: TrainConfig, select_by: str, tmp: Path,
+                   names: tuple[str, ...] = POLICIES) -> dict[str, tuple[Path, str]]:
+    """{policy name: (training output folder, checkpoint choice)} for the policies `names`."""
+    folders: dict[str, tuple[Path, str]] = {}
+    if "bc" in names:
+        folders["bc"] = (behavior_cloned(dataset, config, tmp / "bc"), "final")
+    if "default" in names:
+        train(dataset, config, tracker=NullTracker(), out_dir=tmp / "default")
+        folders["default"] = (tmp / "default", "final")
+    if "selected" in names:
+        selecting = dataclasses.replace(config, select_by=select_by)
+        train(dataset, selecting, tracker=NullTracker(), out_dir=tmp / "selected")
+        folders["selected"] = (tmp / "selected", "selected")
     return folders
 
 
@@ -135,6 +137,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--logs", default=",".join(LOGS), help="comma-separated shipped logs")
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps (default: TrainConfig's)")
+    parser.add_argument("--policies", default=",".join(POLICIES),
+                        help="comma-separated subset of bc,default,selected")
     parser.add_argument("--select-by", default="wpdis", help="select_by of the selected policy")
     parser.add_argument("--critic-interval", default="fixed", choices=("refit", "fixed"),
                         help="dr/wdr/fqe intervals (refit: ~100 FQE critics per policy, far "
@@ -148,6 +152,12 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
+    unknown = set(args.policies.split(",")) - set(POLICIES)
+    if unknown:
+        parser.error(f"--policies: {', '.join(sorted(unknown))} is not one of bc,default,selected")
+    missing = [log for log in args.logs.split(",") if not (ROOT / "datasets" / log).is_dir()]
+    if missing:
+        parser.error(f"--logs: {', '.join(missing)} is not a folder of {ROOT / 'datasets'}")
     quick = {"steps": 100, "n_boot": 200, "fqe_iterations": 100, "episodes": 20}
     full = {"steps": TrainConfig().steps, "n_boot": EvaluateConfig().n_boot,
             "fqe_iterations": None, "episodes": 50}
@@ -168,8 +178,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             print(f"{log}: training ({args.steps} steps) …", file=sys.stderr, flush=True)
             dataset = ROOT / "datasets" / log
-            folders = build_policies(dataset, config, args.select_by, Path(tmp))
-            for name in POLICIES:
+            names = tuple(name for name in POLICIES if name in args.policies.split(","))
+            folders = build_policies(dataset, config, args.select_by, Path(tmp), names)
+            for name in names:
                 print(f"  {log} / {name}: evaluating …", file=sys.stderr, flush=True)
                 for row in measure(dataset, *folders[name], args):
                     rows.append({"log": log, "policy": name, **row})
