@@ -46,13 +46,14 @@ class OneLineErrors(TyperGroup):
     """The top-level handler: usage errors and known user errors become one `error:` line
     (exit 2) instead of click's usage panel or a traceback."""
 
-    def invoke(self, ctx: typer.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except click_errors.NoArgsIsHelpError:
             raise
         except click_errors.ClickException as err:
-            where = f" (see `{err.ctx.command_path} --help`)" if getattr(err, "ctx", None) else ""
+            context = getattr(err, "ctx", None)  # usage errors carry the command's context
+            where = f" (see `{context.command_path} --help`)" if context else ""
             print_error(err.format_message() + where)
             raise typer.Exit(code=2) from None
         except _user_errors() as err:
@@ -111,7 +112,8 @@ def _option(cls: type, f: dataclasses.Field[Any], panel: str | None) -> Any:
     """The `Annotated` type of the option of field `f`: help from the field, default shown."""
     base, optional, _ = field_types(cls)[f.name]
     flag = flag_of(cls, f.name)
-    info = {"help": f.metadata.get("help"), "show_default": _shown_default(f.default),
+    info: dict[str, Any] = {"help": f.metadata.get("help"),
+                            "show_default": _shown_default(f.default),
             "rich_help_panel": panel}
     if base is bool and not optional:
         return Annotated[bool | None, typer.Option(f"{flag}/--no-{flag[2:]}", **info)]

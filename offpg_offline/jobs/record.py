@@ -297,7 +297,7 @@ def compared_runs(experiment: str | None, sweep_run: str | None, metric: str,
 
     client = tracking.open_client(TrackingConfig())
     experiment_id, name = tracking.find_experiment(client, experiment)
-    runs = tracking.find_runs(client, experiment_id, parent_run_id=sweep_run)
+    runs: list[Any] = tracking.find_runs(client, experiment_id, parent_run_id=sweep_run)
     if any(m and m.startswith("eval:") for m in (metric, ope)):  # evaluate's nested runs
         from offpg_offline.compare import attach_evaluations
         from offpg_offline.jobs.evaluate import find_evaluations
