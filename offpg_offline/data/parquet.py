@@ -276,10 +276,15 @@ def _numbers(dtype: pl.DataType) -> bool:
     return bool(inner.is_numeric() or inner == pl.Boolean)
 
 
-def _resolve(schema: pl.Schema, mapping: ColumnMapping, file: str,
-             action_space: Any, *, bandit: bool = False) -> _Plan:
-    def column(key: str, required: bool = False) -> str | None:
-        name = mapping.columns.get(key)
+class _Columns:
+    """Column look-ups in one file's schema, each refusal naming the file and the column."""
+
+    def __init__(self, schema: pl.Schema, mapping: ColumnMapping, file: str) -> None:
+        self.schema, self.mapping, self.file = schema, mapping, file
+
+    def column(self, key: str, required: bool = False) -> str | None:
+        schema, file = self.schema, self.file
+        name = self.mapping.columns.get(key)
         if name is not None:
             if name not in schema:
                 raise sc.DataError.at(file, name, None, f"is missing (mapped to {key})")
@@ -291,7 +296,8 @@ def _resolve(schema: pl.Schema, mapping: ColumnMapping, file: str,
                                source=file)
         return None
 
-    def patterns(key: str, globs: tuple[str, ...]) -> tuple[str, ...]:
+    def patterns(self, key: str, globs: tuple[str, ...]) -> tuple[str, ...]:
+        schema, file = self.schema, self.file
         names = [n for n in schema if any(fnmatch.fnmatchcase(n, g) for g in globs)]
         if not names:
             raise sc.DataError(f"{file}: no column matches the {key} pattern(s) "
@@ -303,10 +309,11 @@ def _resolve(schema: pl.Schema, mapping: ColumnMapping, file: str,
                                                         f"scalars")
         return tuple(names)
 
-    def vector(key: str, globs: tuple[str, ...], required: bool) -> _Vector | None:
+    def vector(self, key: str, globs: tuple[str, ...], required: bool) -> _Vector | None:
+        schema, file = self.schema, self.file
         if globs:
-            return _Vector(patterns(key, globs), is_list=False)
-        name = column(key)
+            return _Vector(self.patterns(key, globs), is_list=False)
+        name = self.column(key)
         if name is None:
             if required:
                 raise sc.DataError(f"{file}: no observation column: name one with --map "
@@ -318,20 +325,54 @@ def _resolve(schema: pl.Schema, mapping: ColumnMapping, file: str,
                                                     f"a list of numbers or a number")
         return _Vector((name,), is_list=_is_list(schema[name]))
 
+
+def _resolve(schema: pl.Schema, mapping: ColumnMapping, file: str,
+             action_space: Any, *, bandit: bool = False) -> _Plan:
+    columns = _Columns(schema, mapping, file)
     categorical = _categorical_columns(schema, mapping.categorical_cols, file)
-    obs = vector("obs", mapping.obs_cols, required=not categorical)
+    obs = _resolve_obs(columns, categorical)
+    next_obs = None if bandit else columns.vector("next_obs", mapping.next_obs_cols,
+                                                  required=False)
+    action, discrete = _resolve_action(columns, action_space)
+    reward = columns.column("reward", required=True)
+    assert reward is not None
+    step = None if bandit else columns.column("step")
+    _check_number_columns(columns, reward, step)
+    flags = _resolve_flags(columns, bandit)
+    episode_id = None if bandit else columns.column("episode_id")
+    if episode_id is None and not any(flags.values()) and not bandit:
+        raise sc.DataError(f"{file}: no episode boundaries: give an episode id column (--map "
+                           f"episode_id=COLUMN) or done flags (terminated, truncated or done).",
+                           source=file)
+    propensity, kind = _resolve_propensity(columns, discrete)
+    return _Plan(file=file, episode_id=episode_id, step=step, obs=obs,
+                 next_obs=next_obs, action=action, action_discrete=discrete, reward=reward,
+                 terminated=flags["terminated"], truncated=flags["truncated"],
+                 done=flags["done"], propensity=propensity, propensity_kind=kind,
+                 categorical=categorical, bandit=bandit)
+
+
+def _resolve_obs(columns: _Columns, categorical: tuple[str, ...]) -> _Vector:
+    """The obs columns; the categorical ones are encoded apart (they may form obs alone)."""
+    obs = columns.vector("obs", columns.mapping.obs_cols, required=not categorical)
     if obs is None:
-        obs = _Vector((), is_list=False)  # categorical columns alone form obs
-    elif categorical and not obs.is_list:
-        obs = _Vector(tuple(c for c in obs.columns if c not in categorical), is_list=False)
-    next_obs = None if bandit else vector("next_obs", mapping.next_obs_cols, required=False)
-    if mapping.action_cols:
-        action = _Vector(patterns("action", mapping.action_cols), is_list=False)
+        return _Vector((), is_list=False)  # categorical columns alone form obs
+    if categorical and not obs.is_list:
+        return _Vector(tuple(c for c in obs.columns if c not in categorical), is_list=False)
+    return obs
+
+
+def _resolve_action(columns: _Columns, action_space: Any) -> tuple[_Vector, bool]:
+    """The action columns and whether actions are discrete (the action space, when given,
+    decides; else integer columns are discrete)."""
+    file = columns.file
+    if columns.mapping.action_cols:
+        action = _Vector(columns.patterns("action", columns.mapping.action_cols), is_list=False)
         discrete = False
     else:
-        name = column("action", required=True)
+        name = columns.column("action", required=True)
         assert name is not None
-        dtype = schema[name]
+        dtype = columns.schema[name]
         if not _numbers(dtype):
             raise sc.DataError.at(file, name, None, f"has type {dtype}, but actions must be "
                                                     f"integers, floats or lists of floats")
@@ -346,28 +387,42 @@ def _resolve(schema: pl.Schema, mapping: ColumnMapping, file: str,
         discrete = True
     elif isinstance(action_space, spaces.Box):
         discrete = False
-    reward = column("reward", required=True)
-    assert reward is not None
-    step = None if bandit else column("step")
-    for key, name in (("reward", reward), ("step", step), ("propensity", mapping.propensity_col)):
+    return action, discrete
+
+
+def _check_number_columns(columns: _Columns, reward: str, step: str | None) -> None:
+    """Reward and propensity columns hold numbers, the step column integers."""
+    schema = columns.schema
+    for key, name in (("reward", reward), ("step", step),
+                      ("propensity", columns.mapping.propensity_col)):
         if name is None or name not in schema:
             continue
         dtype = schema[name]
         if not dtype.is_numeric() or (key == "step" and not dtype.is_integer()):
             kind = "integers" if key == "step" else "numbers"
-            raise sc.DataError.at(file, name, None, f"has type {dtype}, but {key} values must be "
-                                                    f"{kind}")
-    flags = {key: None if bandit else column(key) for key in ("terminated", "truncated", "done")}
+            raise sc.DataError.at(columns.file, name, None, f"has type {dtype}, but {key} values "
+                                                            f"must be {kind}")
+
+
+def _resolve_flags(columns: _Columns, bandit: bool) -> dict[str, str | None]:
+    """The terminated / truncated / done columns (booleans or 0/1 integers); none in bandit
+    mode."""
+    schema = columns.schema
+    flags = {key: None if bandit else columns.column(key)
+             for key in ("terminated", "truncated", "done")}
     for key, name in flags.items():
         if name is not None and not (schema[name] == pl.Boolean or schema[name].is_integer()):
-            raise sc.DataError.at(file, name, None, f"has type {schema[name]}, but {key} flags "
-                                                    f"must be booleans or 0/1 integers")
-    episode_id = None if bandit else column("episode_id")
-    if episode_id is None and not any(flags.values()) and not bandit:
-        raise sc.DataError(f"{file}: no episode boundaries: give an episode id column (--map "
-                           f"episode_id=COLUMN) or done flags (terminated, truncated or done).",
-                           source=file)
-    propensity, kind = mapping.propensity_col, mapping.propensity_kind or "logp"
+            raise sc.DataError.at(columns.file, name, None, f"has type {schema[name]}, but {key} "
+                                                            f"flags must be booleans or 0/1 "
+                                                            f"integers")
+    return flags
+
+
+def _resolve_propensity(columns: _Columns, discrete: bool) -> tuple[str | None, str]:
+    """(propensity column or None, "logp" | "prob"): the mapped one, else a `logged_logp`
+    column; probabilities only for discrete actions."""
+    file, schema = columns.file, columns.schema
+    propensity, kind = columns.mapping.propensity_col, columns.mapping.propensity_kind or "logp"
     if propensity is not None and propensity not in schema:
         raise sc.DataError.at(file, propensity, None, "is missing (given as the propensity "
                                                       "column)")
@@ -377,11 +432,7 @@ def _resolve(schema: pl.Schema, mapping: ColumnMapping, file: str,
         raise sc.DataError.at(file, propensity, None, "holds probabilities, which are not "
                                                       "defined for continuous actions (give "
                                                       "log-densities with --propensity-kind logp)")
-    return _Plan(file=file, episode_id=episode_id, step=step, obs=obs,
-                 next_obs=next_obs, action=action, action_discrete=discrete, reward=reward,
-                 terminated=flags["terminated"], truncated=flags["truncated"],
-                 done=flags["done"], propensity=propensity, propensity_kind=kind,
-                 categorical=categorical, bandit=bandit)
+    return propensity, kind
 
 
 def _categorical_columns(schema: pl.Schema, globs: tuple[str, ...], file: str) -> tuple[str, ...]:
@@ -973,12 +1024,49 @@ def ingest_parquet(
     """
     mapping = mapping or ColumnMapping()
     files = input_files(paths)
-    names = [str(f) for f in files]
     warnings: list[str] = []
-    observation_space = None
+    spec, observation_space, action_space = _env_and_spaces(env_id, env_kwargs, action_space,
+                                                            warnings)
+    bounds = _finite_box(action_space)  # to spot a log that looks clipped
+    action_card = _action_semantics(actions, action_space)
+    if actions == "unclipped":
+        action_space = _unbounded(action_space)
+    plans = [_plan_file(file, mapping, action_space, bandit) for file in files]
+    categories = _categories(files, plans, categories_from)
+    for plan in plans[1:]:
+        _check_same_fields(plans[0], plan)
+    done_means = mapping.done_means or "terminated"
+    card = _ingest_card(files, plans, name=name or Path(out).name, description=description,
+                        observation_space=observation_space, action_space=action_space,
+                        spec=spec, bandit=bandit, done_means=done_means, action_card=action_card)
+    stream = _Stream(files, plans, card, categories=categories, bandit=bandit,
+                     done_means=done_means, batch_rows=batch_rows,
+                     bounds=None if actions == "unclipped" else bounds)
+
+    def count(rows: int) -> None:
+        if progress is not None:
+            progress(rows)
+
+    try:
+        write_dataset(Path(out), stream.tables(), card=card, overwrite=overwrite, progress=count,
+                      rows_per_file=rows_per_file or DEFAULT_ROWS_PER_FILE)
+    except (pl.exceptions.PolarsError, pa.ArrowException) as err:
+        raise sc.DataError(f"{stream.current.file}: could not be read ({_one_line(err)}).",
+                           source=stream.current.file) from None
+    finally:
+        stream.close()
+    warnings.extend(stream.warnings(categories_from))
+    return IngestResult(Path(out), read_card(Path(out)), warnings)
+
+
+def _env_and_spaces(env_id: str | None, env_kwargs: Mapping[str, Any] | None,
+                    action_space: Any, warnings: list[str]) -> tuple[Any, Any, Any]:
+    """(env spec or None, flat observation space or None, action space): the spaces of the
+    env when it can be built here (a given `action_space` wins), else a warning."""
     if env_kwargs and env_id is None:
         raise ValueError("--env-kwargs needs --env ID (the environment they configure).")
     spec = None if env_id is None else env_spec(env_id, env_kwargs)
+    observation_space = None
     if spec is not None:
         check_env_spec(spec, source="--env")  # before gymnasium imports anything it names
         env_obs, env_action, reason = _env_spaces(spec)
@@ -989,34 +1077,33 @@ def ingest_parquet(
             observation_space = flatten_space(env_obs)
             if action_space is None:
                 action_space = env_action
-    bounds = _finite_box(action_space)  # to spot a log that looks clipped
-    action_card = _action_semantics(actions, action_space)
-    if actions == "unclipped":
-        action_space = _unbounded(action_space)
-    plans: list[_Plan] = []
-    for file in files:
-        try:
-            if file.suffix.lower() in CSV_SUFFIXES:
-                _check_csv_header(file)
-            schema = _scan(file).collect_schema()
-            if file.suffix.lower() in CSV_SUFFIXES and _scan(file).head(1).collect().is_empty():
-                # A header-only CSV has String columns: say what is wrong, not "String".
-                raise sc.DataError(f"{file}: the input has no rows (empty input).",
-                                   source=str(file))
-        except (pl.exceptions.PolarsError, OSError) as err:
-            raise sc.DataError(f"{file}: could not be read ({_one_line(err)}).",
-                               source=str(file)) from None
-        plans.append(_resolve(schema, mapping, str(file), action_space, bandit=bandit))
+    return spec, observation_space, action_space
+
+
+def _plan_file(file: Path, mapping: ColumnMapping, action_space: Any, bandit: bool) -> _Plan:
+    """Read `file`'s schema (refusing a duplicated CSV header or an empty CSV) and resolve
+    its columns."""
+    try:
+        if file.suffix.lower() in CSV_SUFFIXES:
+            _check_csv_header(file)
+        schema = _scan(file).collect_schema()
+        if file.suffix.lower() in CSV_SUFFIXES and _scan(file).head(1).collect().is_empty():
+            # A header-only CSV has String columns: say what is wrong, not "String".
+            raise sc.DataError(f"{file}: the input has no rows (empty input).",
+                               source=str(file))
+    except (pl.exceptions.PolarsError, OSError) as err:
+        raise sc.DataError(f"{file}: could not be read ({_one_line(err)}).",
+                           source=str(file)) from None
+    return _resolve(schema, mapping, str(file), action_space, bandit=bandit)
+
+
+def _ingest_card(files: Sequence[Path], plans: Sequence[_Plan], *, name: str,
+                 description: str | None, observation_space: Any, action_space: Any,
+                 spec: Any, bandit: bool, done_means: str,
+                 action_card: dict[str, Any]) -> dict[str, Any]:
+    """The card before streaming (its `source` records the inputs and the mapping; the
+    stream adds row counts, digests and what it found)."""
     by_id = plans[0].episode_id is not None or bandit
-    categories = _categories(files, plans, categories_from)
-    for plan in plans[1:]:
-        _check_same_fields(plans[0], plan)
-    current: list[_Plan] = [plans[0]]
-    done_means = mapping.done_means or "terminated"
-    assembler = _Assembler(by_id=by_id, done_means=done_means, files=names,
-                           labels=lambda: current[0].labels())
-    dims: dict[str, int | None] = {}
-    string_ids: dict[str, int] = {}
     source: dict[str, Any] = {
         "kind": "parquet-ingest",
         "files": [{"path": str(f.resolve()), "bytes": f.stat().st_size} for f in files],
@@ -1028,7 +1115,7 @@ def ingest_parquet(
             else f"done flags (a done column means {done_means})"),
     }
     card: dict[str, Any] = {
-        "name": name or Path(out).name,
+        "name": name,
         "description": description or f"Ingested from {len(files)} file(s) by offpg ingest "
                                       f"parquet.",
         "observation_space": None if observation_space is None else space_to_json(
@@ -1040,50 +1127,72 @@ def ingest_parquet(
         "bandit": bandit,
         **action_card,
     }
-    unknown: dict[str, int] = {}
-    on_bound = [0, 0]  # rows with an action component exactly on a bound, rows
     if plans[0].propensity is not None:
         kind = ("probabilities, stored as their log" if plans[0].propensity_kind == "prob"
                 else "log-probabilities")
         card["propensity"] = {"logged_logp": {"source": f"input column '{plans[0].propensity}' "
                                                         f"({kind})"}}
+    return card
 
-    # Hash the inputs in a thread while they are ingested (hashlib releases the GIL).
-    hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offpg-sha256")
-    digests = [hashing.submit(file_sha256, f) for f in files]
 
-    def tables() -> Iterator[SourcedTable]:
+class _Stream:
+    """The canonical tables of the input files, in order; once exhausted it has completed
+    the card with what streaming found (rows, digests, vocabularies, derived next_obs)."""
+
+    def __init__(self, files: Sequence[Path], plans: Sequence[_Plan], card: dict[str, Any], *,
+                 categories: Categories | None, bandit: bool, done_means: str, batch_rows: int,
+                 bounds: tuple[np.ndarray, np.ndarray] | None) -> None:
+        self.files, self.plans, self.card = files, plans, card
+        self.categories, self.batch_rows, self.bounds = categories, batch_rows, bounds
+        self.by_id = plans[0].episode_id is not None or bandit
+        self.current = plans[0]  # the file being read (its labels name columns in errors)
+        self.assembler = _Assembler(by_id=self.by_id, done_means=done_means,
+                                    files=[str(f) for f in files],
+                                    labels=lambda: self.current.labels())
+        self.dims: dict[str, int | None] = {}
+        self.string_ids: dict[str, int] = {}
+        self.unknown: dict[str, int] = {}
+        self.on_bound = [0, 0]  # rows with an action component exactly on a bound, rows
+        # Hash the inputs in a thread while they are ingested (hashlib releases the GIL).
+        self.hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offpg-sha256")
+        self.digests = [self.hashing.submit(file_sha256, f) for f in files]
+
+    def tables(self) -> Iterator[SourcedTable]:
+        source = self.card["source"]
         rows_before = 0
-        for index, (file, plan) in enumerate(zip(files, plans, strict=True)):
-            current[0] = plan
-            converter = _Converter(plan, dims, string_ids, categories=categories,
-                                   unknown=unknown, row_offset=rows_before)
+        for index, (file, plan) in enumerate(zip(self.files, self.plans, strict=True)):
+            self.current = plan
+            converter = _Converter(plan, self.dims, self.string_ids, categories=self.categories,
+                                   unknown=self.unknown, row_offset=rows_before)
             first_row = 0
-            frames = _scan(file).select(plan.needed()).collect_batches(chunk_size=batch_rows)
+            frames = _scan(file).select(plan.needed()).collect_batches(chunk_size=self.batch_rows)
             for frame in frames:
                 rows = converter.convert(frame, index, first_row)
-                if bounds is not None and actions != "unclipped":
-                    on_bound[0] += _rows_on_bounds(rows["action"], *bounds)
-                    on_bound[1] += len(frame)
+                if self.bounds is not None:
+                    self.on_bound[0] += _rows_on_bounds(rows["action"], *self.bounds)
+                    self.on_bound[1] += len(frame)
                 first_row += len(frame)
-                yield from assembler.push(rows, final=False)
+                yield from self.assembler.push(rows, final=False)
             source["files"][index]["rows"] = first_row
             rows_before += first_row
             if first_row == 0:
                 raise sc.DataError(f"{file}: the input has no rows (empty input).",
                                    source=str(file))
-            if not by_id:  # an episode open at the end of a file ends there
-                yield from assembler.flush()
-        yield from assembler.flush()
+            if not self.by_id:  # an episode open at the end of a file ends there
+                yield from self.assembler.flush()
+        yield from self.assembler.flush()
         # write_dataset reads the card once the stream is exhausted: record what streaming found.
-        for entry, digest in zip(source["files"], digests, strict=True):
+        self._complete_card()
+
+    def _complete_card(self) -> None:
+        source, plans, counts = self.card["source"], self.plans, self.assembler.counts
+        for entry, digest in zip(source["files"], self.digests, strict=True):
             entry["sha256"] = digest.result()
-        counts = assembler.counts
         source["episodes_without_end_flag"] = counts.unflagged
-        if categories is not None:
-            offset = dims.get("obs") or len(plans[0].obs.columns)
-            card["categorical"] = replace(categories, offset=offset).to_card()
-            source["categorical_unknown_rows"] = dict(unknown)
+        if self.categories is not None:
+            offset = self.dims.get("obs") or len(plans[0].obs.columns)
+            self.card["categorical"] = replace(self.categories, offset=offset).to_card()
+            source["categorical_unknown_rows"] = dict(self.unknown)
         if plans[0].next_obs is None:
             source["next_obs"] = {
                 "derived": "the next row's obs within the episode; the last step's next_obs is "
@@ -1092,38 +1201,32 @@ def ingest_parquet(
                 "of_which_truncated": counts.next_obs_copied_truncated,
             }
 
-    def count(rows: int) -> None:
-        if progress is not None:
-            progress(rows)
+    def close(self) -> None:
+        self.hashing.shutdown(wait=True, cancel_futures=True)
 
-    try:
-        write_dataset(Path(out), tables(), card=card, overwrite=overwrite, progress=count,
-                      rows_per_file=rows_per_file or DEFAULT_ROWS_PER_FILE)
-    except (pl.exceptions.PolarsError, pa.ArrowException) as err:
-        raise sc.DataError(f"{current[0].file}: could not be read ({_one_line(err)}).",
-                           source=current[0].file) from None
-    finally:
-        hashing.shutdown(wait=True, cancel_futures=True)
-    counts = assembler.counts
-    if (plans[0].propensity is not None and on_bound[1]
-            and on_bound[0] >= CLIPPED_WARN_FRACTION * on_bound[1]):
-        warnings.append(f"{on_bound[0]} of {on_bound[1]} actions ({on_bound[0] / on_bound[1]:.1%}) "
-                        f"lie exactly on a bound of the action space: the log looks clipped. If "
-                        f"the logger stored the unclipped samples with their densities, ingest "
-                        f"them with --actions unclipped; a clipped action paired with the density "
-                        f"of the unclipped sample biases every importance weight.")
-    if unseen := {c: n for c, n in unknown.items() if n}:
-        warnings.append("values outside the vocabulary of " + str(categories_from) + " went to "
-                        "the unknown slot: " + ", ".join(f"{n} row(s) of column {c!r}"
-                                                         for c, n in unseen.items()) + ".")
-    if counts.unflagged:
-        warnings.append(f"{counts.unflagged} of {counts.episodes} episodes end with neither "
-                        f"terminated nor truncated; they are kept as truncated.")
-    if counts.next_obs_copied_truncated:
-        warnings.append(f"{counts.next_obs_copied_truncated} truncated episodes have no next_obs "
-                        f"for their last step; it is a copy of obs there (map a next_obs column "
-                        f"to give the true one).")
-    return IngestResult(Path(out), read_card(Path(out)), warnings)
+    def warnings(self, categories_from: Path | None) -> list[str]:
+        """One sentence per thing the user should know: a log that looks clipped, values
+        outside a given vocabulary, episodes without an end flag or a true last next_obs."""
+        warnings: list[str] = []
+        counts, (on, rows) = self.assembler.counts, self.on_bound
+        if self.plans[0].propensity is not None and rows and on >= CLIPPED_WARN_FRACTION * rows:
+            warnings.append(f"{on} of {rows} actions ({on / rows:.1%}) "
+                            f"lie exactly on a bound of the action space: the log looks clipped. "
+                            f"If the logger stored the unclipped samples with their densities, "
+                            f"ingest them with --actions unclipped; a clipped action paired with "
+                            f"the density of the unclipped sample biases every importance weight.")
+        if unseen := {c: n for c, n in self.unknown.items() if n}:
+            warnings.append("values outside the vocabulary of " + str(categories_from) + " went "
+                            "to the unknown slot: " + ", ".join(f"{n} row(s) of column {c!r}"
+                                                                for c, n in unseen.items()) + ".")
+        if counts.unflagged:
+            warnings.append(f"{counts.unflagged} of {counts.episodes} episodes end with neither "
+                            f"terminated nor truncated; they are kept as truncated.")
+        if counts.next_obs_copied_truncated:
+            warnings.append(f"{counts.next_obs_copied_truncated} truncated episodes have no "
+                            f"next_obs for their last step; it is a copy of obs there (map a "
+                            f"next_obs column to give the true one).")
+        return warnings
 
 
 def _one_line(err: BaseException) -> str:
