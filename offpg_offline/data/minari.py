@@ -487,18 +487,12 @@ def ingest_minari(
     if propensity_kind not in (None, "prob", "logp"):  # options first, before any reading
         raise ValueError(f"--propensity-kind must be 'prob' or 'logp', got {propensity_kind!r}.")
     data_path = _find_data_path(id_or_path, download=download)
-    try:
-        dataset = minari.MinariDataset(data_path)
-    except Exception as err:  # minari raises JSONDecodeError, AssertionError, KeyError, ...
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else "incomplete metadata"
-        raise ValueError(f"{data_path / 'metadata.json'}: Minari cannot open this dataset "
-                         f"({type(err).__name__}: {reason}).") from None
+    dataset = _open_dataset(data_path)
     metadata = dataset.storage.metadata
     dataset_id = str(metadata.get("dataset_id", id_or_path))
     source_name = f"Minari dataset {dataset_id} ({data_path})"
-    observation_space, action_space = dataset.observation_space, dataset.action_space
-    stored_obs, stored_action = _stored_spaces(observation_space, action_space)
-    continuous = isinstance(action_space, gym.spaces.Box)
+    stored_spaces = _stored_spaces(dataset.observation_space, dataset.action_space)
+    continuous = isinstance(dataset.action_space, gym.spaces.Box)
     episodes = _readable(_iter_episodes(dataset), source_name)
     first = next(episodes, None)
     if first is None:
@@ -508,34 +502,67 @@ def ingest_minari(
     if propensity is not None:
         propensity = _align(propensity, first, source_name)
     ended_without_flag = [0]
+    tables = _tables(_prepend(first, episodes), dataset.observation_space, continuous,
+                     propensity, source_name, ended_without_flag, episodes_per_chunk)
+    card = _minari_card(dataset, data_path, dataset_id, stored_spaces, first, propensity)
+    check_env_spec(card["env_spec"], source=f"Minari dataset {dataset_id} metadata")
+    written = write_dataset(out, tables, card=card, overwrite=overwrite, progress=progress)
+    if ended_without_flag[0]:
+        warnings.warn(f"{source_name}: {ended_without_flag[0]} episode(s) ended with neither "
+                      f"terminated nor truncated set; kept as truncated.", stacklevel=2)
+    return written
 
-    def tables() -> Iterator[SourcedTable]:
-        chunk: list[dict[str, np.ndarray | None]] = []
-        rows = 0
 
-        def flush() -> SourcedTable:
-            nonlocal rows
-            merged: dict[str, Any] = {
-                key: None if chunk[0][key] is None
-                else np.concatenate([part[key] for part in chunk]) for key in chunk[0]}
-            table = steps_table(**merged)
-            sourced = SourcedTable(table, source_name, rows)
-            rows += table.num_rows
-            chunk.clear()
-            return sourced
+def _open_dataset(data_path: Path) -> minari.MinariDataset:
+    """Minari's reader on `data_path`, any failure to open it said in one sentence."""
+    try:
+        return minari.MinariDataset(data_path)
+    except Exception as err:  # minari raises JSONDecodeError, AssertionError, KeyError, ...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else "incomplete metadata"
+        raise ValueError(f"{data_path / 'metadata.json'}: Minari cannot open this dataset "
+                         f"({type(err).__name__}: {reason}).") from None
 
-        for episode in _prepend(first, episodes):
-            columns = _episode_columns(episode, observation_space, continuous, propensity,
-                                       source_name, ended_without_flag)
-            if columns is None:
-                continue
-            chunk.append(columns)
-            if len(chunk) >= episodes_per_chunk:
-                yield flush()
-        if chunk:
+
+def _tables(episodes: Iterator[_Episode], observation_space: gym.Space[Any], continuous: bool,
+            propensity: _Propensity | None, source_name: str, ended_without_flag: list[int],
+            episodes_per_chunk: int) -> Iterator[SourcedTable]:
+    """Canonical tables of `episodes_per_chunk` episodes each (episodes without steps
+    skipped; those ended without a flag counted in `ended_without_flag[0]`)."""
+    chunk: list[dict[str, np.ndarray | None]] = []
+    rows = 0
+
+    def flush() -> SourcedTable:
+        nonlocal rows
+        merged: dict[str, Any] = {
+            key: None if chunk[0][key] is None
+            else np.concatenate([part[key] for part in chunk]) for key in chunk[0]}
+        table = steps_table(**merged)
+        sourced = SourcedTable(table, source_name, rows)
+        rows += table.num_rows
+        chunk.clear()
+        return sourced
+
+    for episode in episodes:
+        columns = _episode_columns(episode, observation_space, continuous, propensity,
+                                   source_name, ended_without_flag)
+        if columns is None:
+            continue
+        chunk.append(columns)
+        if len(chunk) >= episodes_per_chunk:
             yield flush()
+    if chunk:
+        yield flush()
 
-    card = {
+
+def _minari_card(dataset: minari.MinariDataset, data_path: Path, dataset_id: str,
+                 stored_spaces: tuple[gym.Space[Any], gym.Space[Any]], first: _Episode,
+                 propensity: _Propensity | None) -> dict[str, Any]:
+    """The card: stored spaces, env spec, the Minari metadata kept under `source`, the
+    behavior fields and the logged propensity's origin."""
+    metadata = dataset.storage.metadata
+    observation_space, action_space = dataset.observation_space, dataset.action_space
+    stored_obs, stored_action = stored_spaces
+    return {
         "name": dataset_id,
         "description": str(metadata.get("description") or f"Minari dataset {dataset_id}"),
         "observation_space": space_to_json(stored_obs),
@@ -563,12 +590,6 @@ def ingest_minari(
             "estimated_logp": None,
         },
     }
-    check_env_spec(card["env_spec"], source=f"Minari dataset {dataset_id} metadata")
-    written = write_dataset(out, tables(), card=card, overwrite=overwrite, progress=progress)
-    if ended_without_flag[0]:
-        warnings.warn(f"{source_name}: {ended_without_flag[0]} episode(s) ended with neither "
-                      f"terminated nor truncated set; kept as truncated.", stacklevel=2)
-    return written
 
 
 def _readable(episodes: Iterator[_Episode], source_name: str) -> Iterator[_Episode]:
