@@ -627,13 +627,7 @@ def write_dataset(
                 _check_consistent(table, shards.schema, source, offset)
                 seen_ids.check(table.column(sc.EPISODE_ID).to_numpy()[starts], starts, source,
                                offset)
-                for name in sc.PROPENSITY_COLUMNS:
-                    now = table.column(name).null_count == 0
-                    if filled.setdefault(name, now) != now:
-                        raise sc.DataError.at(
-                            source, name, offset, f"is {'filled' if now else 'null'} here but "
-                            f"{'null' if now else 'filled'} in earlier rows (a propensity column "
-                            f"must be filled on every row or none)")
+                _check_filled(table, filled, source, offset)
                 if action_space is None:
                     actions.add(table.column(sc.ACTION), source, offset)
             except sc.DataError as err:
@@ -653,10 +647,7 @@ def write_dataset(
             action_space=action_space_json or actions.space(discrete), filled=filled, steps=steps)
         if before_rename is not None:
             before_rename(tmp)
-        card_file = tmp / CARD_NAME
-        card_file.write_text(json.dumps(full_card, indent=2, allow_nan=False) + "\n")
-        _fsync_path(card_file)
-        _fsync_path(tmp)
+        _write_card(tmp, full_card)
         _replace(tmp, out, overwrite)
     except BaseException:
         if shards is not None:
@@ -664,6 +655,26 @@ def write_dataset(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _check_filled(table: pa.Table, filled: dict[str, bool], source: str, offset: int) -> None:
+    """Each propensity column is filled in every table or in none (`filled` records, per
+    column, what the first table had)."""
+    for name in sc.PROPENSITY_COLUMNS:
+        now = table.column(name).null_count == 0
+        if filled.setdefault(name, now) != now:
+            raise sc.DataError.at(
+                source, name, offset, f"is {'filled' if now else 'null'} here but "
+                f"{'null' if now else 'filled'} in earlier rows (a propensity column "
+                f"must be filled on every row or none)")
+
+
+def _write_card(folder: Path, card: Mapping[str, Any]) -> None:
+    """Write `card` as the folder's card file and make it and the folder durable."""
+    card_file = folder / CARD_NAME
+    card_file.write_text(json.dumps(card, indent=2, allow_nan=False) + "\n")
+    _fsync_path(card_file)
+    _fsync_path(folder)
 
 
 def _check_observation_space(space: Mapping[str, Any] | None, table: pa.Table,
