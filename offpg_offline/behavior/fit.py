@@ -253,40 +253,10 @@ def cross_fit(
     episode_fold = episode_folds(n_episodes, config.folds, generator)
     row_fold = episode_fold[batch.episode_index()]
     metrics: dict[str, float] = {}
-    logp = torch.empty(batch.n_steps, dtype=torch.float32)
-    probs: Tensor | None = None
-    insample_sum, insample_rows = 0.0, 0
-
     all_episodes = torch.arange(n_episodes)
-    for k in range(config.folds if config.folds > 1 else 0):
-        model, fit_metrics, fit_rows = _fit_one(
-            batch,
-            all_episodes[episode_fold != k],
-            action_space,
-            config,
-            obs_mean,
-            obs_std,
-            seed=config.seed + 1 + k,
-        )
-        test_rows = torch.nonzero(row_fold == k).reshape(-1)
-        fold_logp, fold_probs = _score(model, batch.obs[test_rows], batch.action[test_rows])
-        logp[test_rows] = fold_logp
-        if fold_probs is not None:
-            if probs is None:
-                probs = torch.empty(batch.n_steps, fold_probs.shape[1])
-            probs[test_rows] = fold_probs
-        insample = mean_nll(model, batch.obs[fit_rows], batch.action[fit_rows])
-        insample_sum += insample * len(fit_rows)
-        insample_rows += len(fit_rows)
-        metrics[f"behavior/nll_fold{k}"] = -float(fold_logp.double().mean())
-        metrics[f"behavior/insample_nll_fold{k}"] = insample
-        metrics[f"behavior/best_step_fold{k}"] = fit_metrics["best_step"]
-        if progress is not None:
-            progress(
-                f"fold {k + 1}/{config.folds}: held-out NLL "
-                f"{metrics[f'behavior/nll_fold{k}']:.4f}, best step "
-                f"{int(fit_metrics['best_step'])}"
-            )
+    logp, probs, insample_sum, insample_rows = _out_of_fold(
+        batch, action_space, config, obs_mean, obs_std, episode_fold, metrics, progress
+    )
 
     final, final_metrics, final_rows = _fit_one(
         batch,
@@ -317,6 +287,58 @@ def cross_fit(
     return CrossFit(
         logp=logp, fold=row_fold, probs=probs, final_model=final, kind=kind, metrics=metrics
     )
+
+
+def _out_of_fold(
+    batch: StepBatch,
+    action_space: Any,
+    config: FitConfig,
+    obs_mean: Tensor,
+    obs_std: Tensor,
+    episode_fold: Tensor,
+    metrics: dict[str, float],
+    progress: Callable[[str], None] | None,
+) -> tuple[Tensor, Tensor | None, float, int]:
+    """Fit one model per fold on the other folds' episodes and score the fold's rows with it
+    (no model when `config.folds == 1`). Adds the per-fold NLLs and best steps to `metrics`.
+
+    Returns (logp [M], probs [M, n_actions] or None, Σ in-sample NLL × rows, in-sample rows).
+    """
+    row_fold = episode_fold[batch.episode_index()]
+    logp = torch.empty(batch.n_steps, dtype=torch.float32)
+    probs: Tensor | None = None
+    insample_sum, insample_rows = 0.0, 0
+    all_episodes = torch.arange(batch.n_episodes)
+    for k in range(config.folds if config.folds > 1 else 0):
+        model, fit_metrics, fit_rows = _fit_one(
+            batch,
+            all_episodes[episode_fold != k],
+            action_space,
+            config,
+            obs_mean,
+            obs_std,
+            seed=config.seed + 1 + k,
+        )
+        test_rows = torch.nonzero(row_fold == k).reshape(-1)
+        fold_logp, fold_probs = _score(model, batch.obs[test_rows], batch.action[test_rows])
+        logp[test_rows] = fold_logp
+        if fold_probs is not None:
+            if probs is None:
+                probs = torch.empty(batch.n_steps, fold_probs.shape[1])
+            probs[test_rows] = fold_probs
+        insample = mean_nll(model, batch.obs[fit_rows], batch.action[fit_rows])
+        insample_sum += insample * len(fit_rows)
+        insample_rows += len(fit_rows)
+        metrics[f"behavior/nll_fold{k}"] = -float(fold_logp.double().mean())
+        metrics[f"behavior/insample_nll_fold{k}"] = insample
+        metrics[f"behavior/best_step_fold{k}"] = fit_metrics["best_step"]
+        if progress is not None:
+            progress(
+                f"fold {k + 1}/{config.folds}: held-out NLL "
+                f"{metrics[f'behavior/nll_fold{k}']:.4f}, best step "
+                f"{int(fit_metrics['best_step'])}"
+            )
+    return logp, probs, insample_sum, insample_rows
 
 
 def calibration(probs: Tensor, action: Tensor, bins: int = 10) -> dict[str, Any]:
@@ -488,20 +510,51 @@ def fit_behavior(
         raise DataError(f"{dataset}: the card has no action_space")
     action_space = space_from_json(card["action_space"])
     batch = batch_from_table(read_table(dataset))
-    discrete = batch.discrete
 
     fitted = cross_fit(batch, action_space, config, progress=progress)
     log_floor = math.log(config.floor)
     hits = fitted.logp < log_floor
     estimated = torch.clamp(fitted.logp, min=log_floor)
-    if discrete:
+    if batch.discrete:
         estimated = estimated.clamp(max=0.0)
+    metrics, warnings, calib = _diagnostics(fitted, batch, config, hits, estimated)
+    entry = _card_entry(fitted, config, hits, metrics, dataset, mlflow_run_id,
+                        checkpoint_stored=target is not None)
+    title = str(card.get("name", dataset.name))
+
+    def write_artifacts(folder: Path) -> dict[str, Path]:
+        return _write_artifacts(folder, fitted.final_model, entry, calib, metrics, warnings, title)
+
+    written: Path | None = None
+    artifacts: dict[str, Path] = {}
+    if target is not None:
+        written, artifacts = _write_version(
+            target, card, entry, _episode_chunks(batch, estimated), overwrite=in_place,
+            write_artifacts=None if artifacts_dir is not None else write_artifacts)
+    if not artifacts:
+        folder = artifacts_dir or Path(tempfile.mkdtemp(prefix="offpg-behavior-"))
+        artifacts = write_artifacts(folder)
+    return FitReport(
+        metrics=metrics,
+        artifacts=artifacts,
+        warnings=warnings,
+        out=written,
+        card_entry=entry,
+        estimated_logp=estimated,
+    )
+
+
+def _diagnostics(
+    fitted: CrossFit, batch: StepBatch, config: FitConfig, hits: Tensor, estimated: Tensor
+) -> tuple[dict[str, float], list[str], dict[str, Any] | None]:
+    """(metrics, warnings, calibration table or None): floor hits, calibration and
+    near-determinism (discrete), the agreement with a logged propensity."""
     metrics = dict(fitted.metrics)
     metrics["behavior/floor_hits"] = float(hits.sum())
     metrics["behavior/floor_hit_fraction"] = float(hits.double().mean())
     warnings: list[str] = []
     calib: dict[str, Any] | None = None
-    if discrete and fitted.probs is not None:
+    if batch.discrete and fitted.probs is not None:
         calib = calibration(fitted.probs, batch.action, bins=config.ece_bins)
         metrics["behavior/accuracy"] = calib["accuracy"]
         metrics["behavior/ece"] = calib["ece"]
@@ -522,11 +575,24 @@ def fit_behavior(
         )
     if batch.logged_logp is not None:
         metrics.update(compare_with_logged(estimated, batch.logged_logp))
+    return metrics, warnings, calib
 
-    model_entry: dict[str, Any] = fitted.final_model.spec()
-    entry: dict[str, Any] = {
+
+def _card_entry(
+    fitted: CrossFit,
+    config: FitConfig,
+    hits: Tensor,
+    metrics: Mapping[str, float],
+    dataset: Path,
+    mlflow_run_id: str | None,
+    *,
+    checkpoint_stored: bool,
+) -> dict[str, Any]:
+    """The card's `propensity.estimated_logp` entry: the model, the fold scheme, the floor,
+    the config and the dataset it was fitted on."""
+    return {
         "source": "offpg behavior fit",
-        "model": model_entry,
+        "model": fitted.final_model.spec(),
         "folds": config.folds,
         "fold_scheme": (
             f"{config.folds} folds of whole episodes (seeded permutation, seed {config.seed}); "
@@ -544,43 +610,38 @@ def fit_behavior(
         },
         "fitted_on": {"path": str(dataset.resolve()), "digest": dataset_digest(dataset)},
         "mlflow_run_id": mlflow_run_id,
-        "model_checkpoint": f"{BEHAVIOR_DIR}/model.pt" if target is not None else None,
+        "model_checkpoint": f"{BEHAVIOR_DIR}/model.pt" if checkpoint_stored else None,
     }
 
-    title = str(card.get("name", dataset.name))
 
-    def write_artifacts(folder: Path) -> dict[str, Path]:
-        return _write_artifacts(folder, fitted.final_model, entry, calib, metrics, warnings, title)
-
-    written: Path | None = None
-    artifacts: dict[str, Path] = {}
-    if target is not None:
-        new_card = {
-            k: v for k, v in card.items() if k not in ("schema_version", "counts", "files", "stats")
-        }
-        propensity = dict(card.get("propensity") or {})
-        propensity["estimated_logp"] = entry
-        new_card["propensity"] = propensity
-        staged: dict[str, Path] = {}
-        # The model, diagram and report are written into write_dataset's temporary folder,
-        # before its rename: a kill at any moment leaves either no dataset or a complete one.
-        written = write_dataset(
-            target, _episode_chunks(batch, estimated), card=new_card, overwrite=in_place,
-            before_rename=None if artifacts_dir is not None else (
-                lambda tmp: staged.update(write_artifacts(tmp / BEHAVIOR_DIR))),
-        )
-        artifacts = {key: written / BEHAVIOR_DIR / path.name for key, path in staged.items()}
-    if not artifacts:
-        folder = artifacts_dir or Path(tempfile.mkdtemp(prefix="offpg-behavior-"))
-        artifacts = write_artifacts(folder)
-    return FitReport(
-        metrics=metrics,
-        artifacts=artifacts,
-        warnings=warnings,
-        out=written,
-        card_entry=entry,
-        estimated_logp=estimated,
+def _write_version(
+    target: Path,
+    card: Mapping[str, Any],
+    entry: dict[str, Any],
+    tables: Iterator[Any],
+    *,
+    overwrite: bool,
+    write_artifacts: Callable[[Path], dict[str, Path]] | None,
+) -> tuple[Path, dict[str, Path]]:
+    """Write the new dataset version at `target` with `entry` as its card's
+    `propensity.estimated_logp`; `write_artifacts` (if given) fills its `_behavior/` folder
+    before the rename. Returns (written folder, artifact name → path there)."""
+    new_card = {
+        k: v for k, v in card.items() if k not in ("schema_version", "counts", "files", "stats")
+    }
+    propensity = dict(card.get("propensity") or {})
+    propensity["estimated_logp"] = entry
+    new_card["propensity"] = propensity
+    staged: dict[str, Path] = {}
+    # The model, diagram and report are written into write_dataset's temporary folder,
+    # before its rename: a kill at any moment leaves either no dataset or a complete one.
+    stage = write_artifacts
+    written = write_dataset(
+        target, tables, card=new_card, overwrite=overwrite,
+        before_rename=None if stage is None else (
+            lambda tmp: staged.update(stage(tmp / BEHAVIOR_DIR))),
     )
+    return written, {key: written / BEHAVIOR_DIR / path.name for key, path in staged.items()}
 
 
 def _write_artifacts(
