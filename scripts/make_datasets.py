@@ -349,7 +349,7 @@ def readme(out: Path) -> str:
     lines = [
         "# Shipped datasets",
         "",
-        f"Canonical format, schema version {SCHEMA_VERSION} (DESIGN.md §2): each folder holds "
+        f"Canonical format, schema version {SCHEMA_VERSION} (docs/design.md §2): each folder holds "
         "`part-*.parquet` and its `_dataset.json` card (the leading `_` hides it from Parquet "
         "engines, so each folder also opens as a plain Parquet dataset: "
         "`pyarrow.dataset.dataset(\"datasets/cartpole-eps\", format=\"parquet\")`, "

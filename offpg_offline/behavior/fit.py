@@ -1,6 +1,6 @@
 """`offpg behavior fit`: estimate π_β by cross-fitted maximum likelihood and write `estimated_logp`.
 
-The job (DESIGN.md §4, issue 4):
+The job (docs/design.md §6):
 
 1. Split the episodes into K folds (seeded, by episode, default K = 5). For each fold k a model
    is fitted on the other folds and scores the rows of fold k, so every row's

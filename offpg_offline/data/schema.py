@@ -1,7 +1,7 @@
 """The canonical trajectory schema (v1) and its validation: the single source of column names.
 
 One row per step; rows of an episode are contiguous and ordered by `step` = 0..T-1
-(DESIGN.md §2):
+(docs/design.md §2):
 
 | column           | Arrow type                                      |
 |------------------|-------------------------------------------------|

@@ -1,6 +1,6 @@
 """Stream a log's whole episodes from Parquet in bounded memory, shuffled through a buffer.
 
-A log larger than memory (DESIGN.md §8) is read shard by shard in record batches. An episode
+A log larger than memory (docs/design.md §5) is read shard by shard in record batches. An episode
 may straddle two record batches: its rows are carried over until the episode is complete, so
 every chunk handed on holds whole episodes, in `step` order (the product estimators need
 them). Chunks enter a shuffle buffer of at most `capacity` units (episodes, or steps for

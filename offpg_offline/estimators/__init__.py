@@ -4,7 +4,7 @@ Every function here is pure: tensors in, tensors (or floats) out; no nn.Module, 
 or logger, and only torch and the standard library are imported. Steps of all episodes are laid
 end to end (M rows, episodes contiguous and in `step` order); `episode_start` is True on each
 episode's first row. Modules: `segments` (segmented sums and returns), `surrogates` (the four
-estimators of DESIGN.md §3 and their provenance), `registry` (name → spec: function, unit,
+estimators of docs/design.md §4 and their provenance), `registry` (name → spec: function, unit,
 options honoured; `SurrogateOptions`), `psis` (Pareto smoothing), `diagnostics`
 (ESS, quantiles, k̂, KL).
 """

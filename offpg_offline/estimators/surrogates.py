@@ -1,4 +1,4 @@
-r"""The four importance-weighted policy-gradient surrogates of DESIGN.md §3.
+r"""The four importance-weighted policy-gradient surrogates of docs/design.md §4.
 
 Provenance and deviations
 -------------------------
