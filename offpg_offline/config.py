@@ -615,6 +615,10 @@ class EvaluateConfig:
         "fixed (fast: the critic held fixed, too narrow when its error matters).",
         choices=("refit", "fixed"),
     )
+    n_refit: int | None = option(
+        None, "Critics refitted for the refit interval, each warm-started from the full-data "
+        "critic (default: min(n_boot, 50)).", ge=2,
+    )
     seed: int = option(0, "Seed of the bootstrap, critic and rollouts.")
     online: int = option(
         0, "Also roll out N seeded episodes when the env can be built (0: none).", ge=0

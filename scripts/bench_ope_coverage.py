@@ -95,7 +95,7 @@ def tabular_policy(probs: torch.Tensor) -> CategoricalPolicy:
     return policy
 
 
-def coverage(n_episodes: int, reps: int, n_boot: int, n_refit: int) -> dict[str, float]:
+def coverage(n_episodes: int, reps: int, n_boot: int, n_refit: int | None) -> dict[str, float]:
     """Fraction of `reps` seeded replications whose 95% interval contains J(π), per estimator
     (critic estimators as `<name> refit` and `<name> fixed`), and the mean interval widths."""
     problem = make_problem()
@@ -126,7 +126,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[50, 200])
     parser.add_argument("--reps", type=int, default=100)
     parser.add_argument("--n-boot", type=int, default=1000, help="resamples, fixed intervals")
-    parser.add_argument("--n-refit", type=int, default=100, help="critics, refit intervals")
+    parser.add_argument("--n-refit", type=int, default=None,
+                        help="critics, refit intervals (default: the library's, min(n-boot, 50))")
     args = parser.parse_args()
     torch.set_num_threads(1)
     began = time.perf_counter()

@@ -7,10 +7,17 @@ J(π) = start · (I − γ P_π)⁻¹ r_π exactly (a linear solve in float64).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import gymnasium as gym
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from offpg_offline.data.batch import StepBatch
+from offpg_offline.cli import app
+from offpg_offline.data.batch import StepBatch, load_steps
+from offpg_offline.jobs.targets import UniformPolicy
 from offpg_offline.ope import (
     CRITIC_INTERVALS,
     FQEConfig,
@@ -18,6 +25,7 @@ from offpg_offline.ope import (
     evaluate_offline,
     fit_fqe,
 )
+from offpg_offline.ope.intervals import percentile_interval, refit_backups
 from offpg_offline.policies import CategoricalPolicy
 
 F64 = torch.float64
@@ -106,8 +114,8 @@ def test_refit_interval_is_wider_and_covers_where_the_fixed_one_does_not() -> No
     # Seeded case (N = 50 episodes, log seed 1): the fixed-critic FQE interval only resamples
     # the start states, so its width ([0.683, 0.727] here) ignores the critic's estimation
     # error and J(π) falls outside it; refitting the critic on each resample widens it
-    # ([0.444, 1.039]) to cover J(π) = 0.654. (Fixed missed on 8 of log seeds 1–11, refit on
-    # none.)
+    # ([0.451, 1.111] with the default 50 warm-started refits; [0.444, 1.039] with 100 cold
+    # ones) to cover J(π) = 0.654. (Fixed missed on 8 of log seeds 1–11, refit on none.)
     # (Across 100 seeds: 0.26 vs 0.94 coverage, scripts/bench_ope_coverage.py.)
     mdp = problem()
     exact = float(mdp["exact"])
@@ -155,3 +163,78 @@ def test_a_separate_critic_batch_is_resampled_too() -> None:
              for kind in CRITIC_INTERVALS}
     width = {kind: e.ci_high - e.ci_low for kind, e in found.items()}
     assert width["refit"] > 2 * width["fixed"], width
+
+
+def test_warm_started_members_start_at_the_full_critic_and_reach_their_resample_fit() -> None:
+    # The refit interval warm-starts every member from the critic fitted on all episodes and
+    # runs K' = min(K, max(⌈K/5⌉, ⌈1/(1 − γ)⌉)) backups (hand values below). (1) With a
+    # negligible learning rate the members equal the full-data critic (the weights and the
+    # normalisation were copied; a random init differs by O(1)). (2) After K' backups each
+    # member equals cold tabular FQE on its explicit resample within 5e-3 (as in the first
+    # test): the warm start keeps the resampling variance (resamples move Q by > 0.02).
+    assert refit_backups(FQEConfig(iterations=500), 0.99).iterations == 100
+    assert refit_backups(FQEConfig(iterations=500), 0.9).iterations == 100
+    assert refit_backups(FQEConfig(iterations=15), 0.9).iterations == 10
+    assert refit_backups(FQEConfig(iterations=15), 0.5).iterations == 3
+    assert refit_backups(FQEConfig(iterations=40), 1.0).iterations == 40
+    mdp = problem()
+    batch = simulate(mdp, 100, seed=3)
+    policy = tabular_policy(mdp["target"])
+    eye = torch.eye(S)
+    whole = fit_fqe(policy, batch, gamma=GAMMA, config=TABULAR, seed=0)
+    counts = bootstrap_counts(batch.n_episodes, 3, torch.Generator().manual_seed(1))
+    weights = counts[:, batch.episode_index()].float()
+    frozen = FQEConfig(hidden=(), iterations=1, steps_per_iteration=1, lr=1e-9)
+    still = fit_fqe(policy, batch, gamma=GAMMA, config=frozen, seed=5, row_weights=weights,
+                    warm_start=whole)
+    warm = fit_fqe(policy, batch, gamma=GAMMA, config=refit_backups(TABULAR, GAMMA), seed=5,
+                   row_weights=weights, warm_start=whole)
+    with torch.no_grad():
+        reference = whole.q_all(eye)
+        torch.testing.assert_close(still.q_all(eye), reference.expand(3, S, A), atol=1e-5,
+                                   rtol=0.0)
+        members = warm.q_all(eye)
+    for b in range(3):
+        index = torch.repeat_interleave(torch.arange(batch.n_episodes), counts[b].long())
+        single = fit_fqe(policy, batch.episodes(index), gamma=GAMMA, config=TABULAR, seed=b + 1)
+        with torch.no_grad():
+            torch.testing.assert_close(members[b], single.q_all(eye), atol=5e-3, rtol=0.0)
+        assert float((members[b] - reference).abs().max()) > 0.02
+    with pytest.raises(ValueError, match="warm_start needs row_weights"):
+        fit_fqe(policy, batch, gamma=GAMMA, config=frozen, warm_start=whole)
+
+
+def test_evaluate_n_refit_reaches_the_refit_interval_and_the_progress_line() -> None:
+    # `offpg evaluate --n-refit 7` must give the interval of evaluate_offline(n_refit=7) (the
+    # same seeded resamples and critics, so equal to float rounding: rel 1e-9), which differs
+    # from the default's min(n_boot, 50) = 30 critics; the progress line names the 7 critics.
+    dataset = Path(__file__).resolve().parents[1] / "datasets" / "cartpole-weak"
+    args = ["evaluate", "--policy", "uniform", "--dataset", str(dataset), "--estimators",
+            "fqe", "--n-boot", "30", "--fqe-iterations", "3", "--gamma", "0.9"]
+    shown = CliRunner().invoke(app, [*args, "--n-refit", "7"])
+    assert shown.exit_code == 0, shown.output
+    assert "refitting 7 critics on resamples (3 backups each, warm-started)" in shown.stderr
+    got = json.loads(CliRunner().invoke(app, [*args, "--n-refit", "7", "--json"]).stdout)
+    batch = load_steps(dataset)
+    kwargs = dict(gamma=0.9, n_boot=30, seed=0, fqe=FQEConfig(iterations=3),
+                  estimators=("fqe",))
+    policy = UniformPolicy(gym.spaces.Discrete(2))
+    seven, default = (evaluate_offline(policy, batch, batch.logged_logp, n_refit=n, **kwargs)[0]
+                      for n in (7, None))
+    fqe = got["ope"]["fqe"]
+    assert (fqe["ci_low"], fqe["ci_high"]) == pytest.approx((seven.ci_low, seven.ci_high),
+                                                            rel=1e-9)
+    assert (seven.ci_low, seven.ci_high) != (default.ci_low, default.ci_high)
+    refused = CliRunner().invoke(app, [*args, "--n-refit", "1"])
+    assert refused.exit_code == 2 and "--n-refit" in refused.output, refused.output
+
+
+def test_percentile_interval_uses_the_b_plus_1_order_statistics() -> None:
+    # The k-th and (B + 1 − k)-th of B i.i.d. draws enclose (B + 1 − 2k)/(B + 1) of the
+    # distribution on average, so a 95% interval from B = 50 draws sits at positions
+    # 51 · 0.025 = 1.275 and 51 · 0.975 = 49.725 (interpolated); on the draws 1..50 those are
+    # the values themselves. (torch.quantile's 2.225 and 48.775 enclose 0.91 on average.)
+    assert percentile_interval(torch.arange(1.0, 51.0), 0.95) == pytest.approx((1.275, 49.725))
+    assert percentile_interval(torch.arange(1.0, 51.0).flip(0), 0.5) == pytest.approx(
+        (12.75, 38.25))
+    assert percentile_interval(torch.tensor([3.0, 1.0]), 0.95) == (1.0, 3.0)  # clamped

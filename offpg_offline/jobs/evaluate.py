@@ -384,8 +384,10 @@ def estimate(target: Target, held_out: Any, behavior_logp: Tensor, critic_batch:
         iterations=config.fqe_iterations)
     common = dict(gamma=gamma, n_boot=config.n_boot, seed=config.seed, level=config.level,
                   delta=config.delta, fqe=fqe, critic_batch=critic_batch,
-                  critic_interval=config.critic_interval)
-    refits = (f"refitting it on {min(config.n_boot, 200)} resamples"
+                  critic_interval=config.critic_interval, n_refit=config.n_refit)
+    n_refit = config.n_refit or ope.default_n_refit(config.n_boot)
+    refits = (f"refitting {n_refit} critics on resamples "
+              f"({ope.intervals.refit_backups(fqe, gamma).iterations} backups each, warm-started)"
               if config.critic_interval == "refit" else "holding it fixed")
     found: dict[str, Any] = {}
     n = held_out.n_episodes

@@ -220,7 +220,8 @@ def evaluate_offline(
         critic_batch: episodes to fit the critic on (e.g. the training split).
         return_range: known (g_min, g_max) of the discounted return.
         critic_interval: "refit" or "fixed" (see above).
-        n_refit: critics refitted for the refit interval; default min(n_boot, 100).
+        n_refit: critics refitted for the refit interval; default min(n_boot, 50), each
+            warm-started from the full-data critic (`intervals.refit_backups`).
 
     Returns:
         One `Estimate` per requested name, in the order requested.
@@ -261,7 +262,8 @@ def evaluate_offline(
     if refit:
         draws = refit_critic_draws(
             policy, batch, args, gamma=gamma, names=refit, config=config, seed=seed,
-            n_refit=n_refit or min(n_boot, 100), critic_batch=critic_batch)
+            n_refit=n_refit or default_n_refit(n_boot), critic_batch=critic_batch,
+            warm_start=critic)
         intervals.update({name: percentile_interval(d, level) for name, d in draws.items()})
     ones = torch.ones(1, n_episodes, dtype=F64)
     layout = _layout(step, start)
@@ -274,6 +276,11 @@ def evaluate_offline(
     bounds = _lower_bounds(args, gamma, delta, seed, return_range, set(estimators))
     return [Estimate(name, float(statistics[name](ones)[0]), *intervals[name], ess[name],
                      bounds.get(name), n_episodes) for name in estimators]
+
+
+def default_n_refit(n_boot: int) -> int:
+    """Critics refitted by the refit interval when `n_refit` is not given: min(n_boot, 50)."""
+    return min(n_boot, 50)
 
 
 def _lower_bounds(args: tuple[Tensor, ...], gamma: float, delta: float, seed: int,
@@ -310,6 +317,7 @@ __all__ = [
     "bootstrap_counts",
     "bootstrap_intervals",
     "critic_values",
+    "default_n_refit",
     "direct_method",
     "doubly_robust",
     "effective_sample_size",

@@ -106,6 +106,19 @@ class StackedMLP(nn.Module):
                 x = torch.tanh(x)
         return x
 
+    def from_single(self, net: nn.Sequential) -> list[tuple[nn.Parameter, Tensor]]:
+        """(member parameter, the matching parameter of one `mlp` of the same sizes) pairs."""
+        linears = [layer for layer in net if isinstance(layer, nn.Linear)]
+        pairs: list[tuple[nn.Parameter, Tensor]] = []
+        for weight, bias, linear in zip(self.weights, self.biases, linears, strict=True):
+            pairs += [(weight, linear.weight), (bias, linear.bias)]
+        return pairs
+
+
+def _broadcast(single: Tensor, member: Tensor) -> Tensor:
+    """A tensor of one `mlp` layer ([out, in] or [out]) copied to every member's layout."""
+    return (single.T if single.ndim == 2 else single).expand_as(member).clone()
+
 
 class QCritic(nn.Module):
     """Q̂(s, a): a Q(s, ·) head for discrete actions, or an MLP of (s, a) for continuous ones.
@@ -217,6 +230,7 @@ def fit_fqe(
     n_actions: int | None = None,
     seed: int = 0,
     row_weights: Tensor | None = None,
+    warm_start: QCritic | None = None,
 ) -> QCritic:
     r"""Fit Q̂ ≈ Q^π on the log by fitted-Q evaluation (Le, Voloshin & Yue 2019).
 
@@ -239,7 +253,11 @@ def fit_fqe(
     (`QCritic(members=B)`, batched matmuls): critic b minimises Σ_rows w_b (Q̂_b − y_b)² / Σ w_b
     on the same minibatches, its targets y_b from its own frozen copy. Integer bootstrap counts
     of each row's episode make critic b the FQE fit on resample b; members also differ in
-    their random initialisation.
+    their random initialisation, unless `warm_start` (a single critic fitted on the same log,
+    e.g. on all episodes) gives every member its weights and normalisation: then each member
+    continues from Q̂ for `config.iterations` backups of its own resample (the bootstrap by
+    warm-started refits; value differences travel one step per backup, so iterations of the
+    order of the effective horizon 1/(1 − γ) carry the resample's change into V̂(s_0)).
 
     Args:
         policy: the evaluated policy π (any object with `log_prob` and `sample`).
@@ -249,6 +267,8 @@ def fit_fqe(
         n_actions: number of discrete actions (default: `policy.n_actions`, else max action + 1).
         seed: seeds the critic's initialisation, minibatches and action samples.
         row_weights: optional [B, M] non-negative weights of the rows, one row per critic.
+        warm_start: a single (non-ensemble) critic fitted on `batch` by `fit_fqe` with the
+            same `hidden`; every ensemble member starts from it (needs `row_weights`).
 
     Returns:
         The fitted critic (its `history` attribute lists the mean loss of each iteration, its
@@ -280,15 +300,38 @@ def fit_fqe(
             value_scale=scale if scale > 0 else 1.0, time_scale=horizon if time_feature else 0.0,
             members=0 if row_weights is None else row_weights.shape[0],
         ).to(obs.device)
+    if warm_start is not None:
+        if row_weights is None or warm_start.members or not isinstance(critic.net, StackedMLP):
+            raise ValueError("warm_start needs row_weights and a single (non-ensemble) critic")
+        for name in ("obs_mean", "obs_std", "value_scale", "time_scale"):
+            getattr(critic, name).copy_(getattr(warm_start, name))
     critic.bootstraps_truncated = bootstraps
     weights = None if row_weights is None else row_weights.to(obs.device, torch.float32)
-    critic.history = _regress(critic, policy, batch, obs, gamma, horizon, config, weights, seed)
+    critic.history = _regress(critic, policy, batch, obs, gamma, horizon, config, weights, seed,
+                              warm_start)
     return critic.eval()
 
 
+def _warm_start(critic: QCritic, warm: QCritic, optimizer: torch.optim.Adam) -> None:
+    """Copy a single critic's weights into every member, and its Adam moments (`warm.adam`)
+    so that the members continue its optimisation: a fresh Adam's first steps have size ≈ lr
+    whatever the gradient, which would throw a converged critic off its fit."""
+    assert isinstance(critic.net, StackedMLP) and isinstance(warm.net, nn.Sequential)
+    with torch.no_grad():
+        for param, source in critic.net.from_single(warm.net):
+            param.copy_(_broadcast(source, param))
+            state = getattr(warm, "adam", {}).get(id(source))
+            if state is not None:
+                optimizer.state[param] = {"step": state["step"].clone(),
+                                          "exp_avg": _broadcast(state["exp_avg"], param),
+                                          "exp_avg_sq": _broadcast(state["exp_avg_sq"], param)}
+
+
 def _regress(critic: QCritic, policy: TargetPolicy, batch: StepBatch, obs: Tensor, gamma: float,
-             horizon: int, config: FQEConfig, weights: Tensor | None, seed: int) -> list[float]:
-    """FQE's K frozen-target regressions (see `fit_fqe`); the mean loss of each iteration."""
+             horizon: int, config: FQEConfig, weights: Tensor | None, seed: int,
+             warm_start: QCritic | None = None) -> list[float]:
+    """FQE's K frozen-target regressions (see `fit_fqe`); the mean loss of each iteration.
+    A single critic keeps its final Adam moments in `critic.adam` (by parameter id)."""
     reward, action, step = batch.reward.float(), batch.action, batch.step
     done = batch.terminated.clone()
     if not critic.bootstraps_truncated:
@@ -306,6 +349,8 @@ def _regress(critic: QCritic, policy: TargetPolicy, batch: StepBatch, obs: Tenso
     low = min(0.0, float(reward.min())) * remaining
     high = max(0.0, float(reward.max())) * remaining
     optimizer = torch.optim.Adam(critic.parameters(), lr=config.lr)
+    if warm_start is not None:
+        _warm_start(critic, warm_start, optimizer)
     m, members = obs.shape[0], max(critic.members, 1)
     continuing = (~done).float()
     backups = bool(continuing.any()) and gamma > 0  # else every target is r: one regression
@@ -337,6 +382,9 @@ def _regress(critic: QCritic, policy: TargetPolicy, batch: StepBatch, obs: Tenso
             optimizer.step()
             total += loss.item() / members
         history.append(total / config.steps_per_iteration)
+    if not critic.members:
+        critic.adam = {id(p): optimizer.state[p] for p in critic.parameters()
+                       if p in optimizer.state}
     return history
 
 

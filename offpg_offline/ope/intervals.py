@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,7 +17,7 @@ from offpg_offline.ope.estimates import (
     episode_mean,
     weighted_doubly_robust,
 )
-from offpg_offline.ope.fqe import FQEConfig, TargetPolicy, critic_values, fit_fqe
+from offpg_offline.ope.fqe import FQEConfig, QCritic, TargetPolicy, critic_values, fit_fqe
 
 if TYPE_CHECKING:
     from offpg_offline.data.batch import StepBatch
@@ -144,6 +145,7 @@ def refit_critic_draws(
     n_refit: int,
     seed: int,
     critic_batch: StepBatch | None = None,
+    warm_start: QCritic | None = None,
 ) -> dict[str, Tensor]:
     r"""Bootstrap draws of DR, WDR and FQE in which the critic is refitted on every resample.
 
@@ -157,6 +159,9 @@ def refit_critic_draws(
     and WDR_b is WDR on resample b with Q̂_b. Their spread contains the critic's fitting
     variance, which a fixed critic leaves out (the bootstrap of the whole estimator, as in
     Kostrikov & Nachum 2020, and Hanna, Stone & Niekum 2017 for model-based estimates).
+    With `warm_start` (the critic fitted on all of the critic's episodes) every Q̂_b starts from
+    it and runs `refit_backups(config, gamma)` backups of its resample instead of K from a
+    random initialisation: the resample's change reaches V̂(s_0) in about 1/(1 − γ) backups.
 
     Args:
         policy: π.
@@ -168,6 +173,7 @@ def refit_critic_draws(
         n_refit: B, the number of resamples (= critics).
         seed: seeds the resamples and the critics.
         critic_batch: episodes the critic is fitted on (default: `batch`).
+        warm_start: the single critic fitted on all of them (`fit_fqe`), or None (cold refits).
 
     Returns:
         name → [B] draws of the estimate.
@@ -179,8 +185,9 @@ def refit_critic_draws(
     fit_counts = counts if critic_batch is None else bootstrap_counts(
         fit_on.n_episodes, n_refit, generator)
     row_weights = fit_counts[:, episode_index(fit_on.episode_start.cpu())].float()
-    ensemble = fit_fqe(policy, fit_on, gamma=gamma, config=config, seed=seed,
-                       row_weights=row_weights.to(fit_on.reward.device))
+    ensemble = fit_fqe(policy, fit_on, gamma=gamma, seed=seed,
+                       config=config if warm_start is None else refit_backups(config, gamma),
+                       row_weights=row_weights.to(fit_on.reward.device), warm_start=warm_start)
     q_value, state_value, next_value = (v.cpu() for v in critic_values(
         ensemble, policy, batch, action_samples=config.action_samples, seed=seed))
     cut = (batch.truncated & ~batch.terminated).cpu()
@@ -200,8 +207,31 @@ def refit_critic_draws(
     return {name: torch.cat(parts).double() for name, parts in draws.items()}
 
 
+def refit_backups(config: FQEConfig, gamma: float) -> FQEConfig:
+    """`config` with the backups of a warm-started refit: K' = min(K, max(⌈K/5⌉, ⌈1/(1 − γ)⌉))
+    (all K when γ = 1). The effective horizon 1/(1 − γ) is how far a change in the data must
+    travel; K/5 keeps at least a fifth of the full fit's optimisation."""
+    k = config.iterations
+    horizon = k if gamma >= 1.0 else math.ceil(1.0 / (1.0 - gamma) - 1e-9)
+    return replace(config, iterations=min(k, max(math.ceil(k / 5), horizon)))
+
+
 def percentile_interval(draws: Tensor, level: float) -> tuple[float, float]:
-    """The (1 − level)/2 and (1 + level)/2 quantiles of bootstrap draws."""
-    probs = torch.tensor([(1.0 - level) / 2.0, (1.0 + level) / 2.0], dtype=F64)
-    low, high = torch.quantile(draws.double(), probs).tolist()
-    return low, high
+    """Percentile interval of B bootstrap draws: the order statistics at positions
+    (B + 1)(1 ∓ level)/2 (1-based, linearly interpolated, clamped to [1, B]).
+
+    The expected probability content between the k-th and the (B + 1 − k)-th of B i.i.d. draws
+    is (B + 1 − 2k)/(B + 1), so k = (B + 1)(1 − level)/2 gives `level` exactly (Davison &
+    Hinkley 1997, §5.2); `torch.quantile`'s positions 1 + (B − 1)(1 − level)/2 would give
+    0.91 instead of 0.95 at B = 50 (the refit interval's default number of draws).
+    """
+    ordered = torch.sort(draws.double().flatten()).values
+    n = ordered.shape[0]
+    out = []
+    for tail in ((1.0 - level) / 2.0, (1.0 + level) / 2.0):
+        position = min(max(tail * (n + 1), 1.0), float(n)) - 1.0  # 0-based
+        below = math.floor(position)
+        above = min(below + 1, n - 1)
+        frac = position - below
+        out.append(float(ordered[below] * (1 - frac) + ordered[above] * frac))
+    return out[0], out[1]
