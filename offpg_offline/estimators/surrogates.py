@@ -214,13 +214,14 @@ def trajectory_surrogate(
         step: t within the episode, starting at 0, [M] (the discount is γ^t).
         episode_start: True on each episode's first row, [M] bool.
         gamma: discount in [0, 1].
-        clip: weight cap c > 0, or None.
-        clip_mode: "step" (cap ρ_t) or "cumulative" (cap w_{1:t}).
-        self_normalize: weighted importance sampling.
+        options: a `SurrogateOptions`; its fields act here as follows:
+            clip: weight cap c > 0, or None.
+            clip_mode: "step" (cap ρ_t) or "cumulative" (cap w_{1:t}).
+            self_normalize: weighted importance sampling.
+            standardize_returns: standardise the returns after subtracting the baseline.
+            ppo_epsilon: must be None here.
+            psis: Pareto-smooth the weights.
         baseline: None, a float, or an [M] tensor b(s_t) (detached).
-        standardize_returns: standardise the returns after subtracting the baseline.
-        ppo_epsilon: must be None here.
-        psis: Pareto-smooth the weights.
         returns: optional precomputed G_t, [M].
         reduction: "mean" (a scalar) or "none" (the N per-episode terms, whose mean is L).
 
@@ -294,13 +295,14 @@ def per_decision_surrogate(
         step: t within the episode, starting at 0, [M].
         episode_start: True on each episode's first row, [M] bool.
         gamma: discount in [0, 1].
-        clip: weight cap c > 0, or None.
-        clip_mode: "step" or "cumulative".
-        self_normalize: weighted per-decision importance sampling.
+        options: a `SurrogateOptions`; its fields act here as follows:
+            clip: weight cap c > 0, or None.
+            clip_mode: "step" or "cumulative".
+            self_normalize: weighted per-decision importance sampling.
+            standardize_returns: see above.
+            ppo_epsilon: must be None here.
+            psis: Pareto-smooth the weights.
         baseline: None, a float, or an [M] tensor b(s_t) (detached).
-        standardize_returns: see above.
-        ppo_epsilon: must be None here.
-        psis: Pareto-smooth the weights.
         returns: must be None here (the estimator weights each r_t separately).
         reduction: "mean" (a scalar) or "none" (N per-episode terms whose mean is L).
 
@@ -373,13 +375,14 @@ def past_weight_surrogate(
         step: t within the episode, starting at 0, [M].
         episode_start: True on each episode's first row, [M] bool.
         gamma: discount in [0, 1].
-        clip: weight cap c > 0, or None.
-        clip_mode: "step" or "cumulative".
-        self_normalize: divide the weights by their per-position batch mean.
+        options: a `SurrogateOptions`; its fields act here as follows:
+            clip: weight cap c > 0, or None.
+            clip_mode: "step" or "cumulative".
+            self_normalize: divide the weights by their per-position batch mean.
+            standardize_returns: standardise G_t − b_t over the batch.
+            ppo_epsilon: PPO clip range ε in (0, 1), or None.
+            psis: Pareto-smooth the weights.
         baseline: None, a float, or an [M] tensor b(s_t) (detached).
-        standardize_returns: standardise G_t − b_t over the batch.
-        ppo_epsilon: PPO clip range ε in (0, 1), or None.
-        psis: Pareto-smooth the weights.
         returns: optional precomputed G_t, [M].
         reduction: "mean" (a scalar) or "none" (N per-episode terms whose mean is L).
 
@@ -452,13 +455,14 @@ def per_step_surrogate(
         step: t within the episode, starting at 0, [M].
         episode_start: True on each episode's first row, [M] bool.
         gamma: discount in [0, 1].
-        clip: ratio cap c > 0, or None.
-        clip_mode: "step" or "cumulative" (identical here).
-        self_normalize: divide ρ_t by its batch mean.
+        options: a `SurrogateOptions`; its fields act here as follows:
+            clip: ratio cap c > 0, or None.
+            clip_mode: "cumulative" is refused (one ratio per row: nothing to cap cumulatively).
+            self_normalize: divide ρ_t by its batch mean.
+            standardize_returns: standardise G_t − b_t over the batch.
+            ppo_epsilon: PPO clip range ε in (0, 1), or None.
+            psis: Pareto-smooth the ratios.
         baseline: None, a float, or an [M] tensor b(s_t) (detached).
-        standardize_returns: standardise G_t − b_t over the batch.
-        ppo_epsilon: PPO clip range ε in (0, 1), or None.
-        psis: Pareto-smooth the ratios.
         returns: optional precomputed G_t, [M].
         reduction: "mean" (a scalar) or "none" (N per-episode terms whose mean is L).
 
