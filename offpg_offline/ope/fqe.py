@@ -41,9 +41,9 @@ class FQEConfig:
     Value travels one step back per backup, so K must be of the order of the effective horizon
     min(T, 1/(1 − γ)) or more: on the shipped CartPole log (γ = 0.99, a trained, nearly greedy
     π), K = 40 reached 40% of the online discounted value and K = 500 76–86% over two seeds;
-    for a behavior-cloned π, 98%. The critic's seed moves FQE by about 10% there, which the
-    fixed-critic interval does not show; the refit interval does (each refitted critic has its
-    own initialisation). The defaults cost 5000 Adam steps per critic.
+    for a behavior-cloned π, 98%. The critic's seed moves FQE by about 10% there, which no
+    interval shows (the refit interval's critics are warm-started from the one full-data
+    critic, `intervals.refit_backups`). The defaults cost 5000 Adam steps per critic.
     """
 
     hidden: tuple[int, ...] = (64, 64)  # tanh MLP; () is linear (tabular on one-hot states)
