@@ -11,11 +11,12 @@ the same seed and hence the same train/validation split:
 
 Each is evaluated with the evaluate job's Python API (`offpg_offline.jobs.evaluate.evaluate`,
 the run's recorded validation split, every estimator with its 95% bootstrap interval, critic
-intervals `fixed` by default: `refit` fits about 100 critics per policy, over an hour on one
-core for nine policies) and rolled out online for `--episodes` seeded stochastic episodes
-(the policy OPE values) by the same call. The online DISCOUNTED return Σ_t γ^t r_t with OPE's γ
-is the reference: relative error = (estimate − online) / |online|; covered = the interval
-contains the online mean (itself a Monte-Carlo mean; its standard error is printed).
+intervals `fixed` by default: `refit` refits the FQE critic on resamples, measured at 1–11 min
+per policy on one core, beyond the 15-minute budget for nine policies) and rolled out online for
+`--episodes` seeded stochastic episodes (the policy OPE values) by the same call. The online
+DISCOUNTED return Σ_t γ^t r_t with OPE's γ is the reference: relative error = (estimate −
+online) / |online|; covered = the interval contains the online mean (itself a Monte-Carlo mean;
+its standard error is printed).
 
     OMP_NUM_THREADS=1 python scripts/bench_ope.py            # the full run (1000 steps)
     OMP_NUM_THREADS=1 python scripts/bench_ope.py --quick    # 100 steps, fewer resamples
