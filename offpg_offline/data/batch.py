@@ -21,6 +21,26 @@ from offpg_offline.data import schema as sc
 from offpg_offline.data.store import read_table
 
 
+def episode_rows(episode_start: Tensor, index: Tensor) -> Tensor:
+    """Row indices of the episodes with ordinals `index`, in that order (vectorised gather).
+
+    The one episode gather of the package (`StepBatch.episodes`, `LogView.episodes`, the
+    trainer's splits): each chosen episode's rows, contiguous, repeats allowed.
+    """
+    device = episode_start.device
+    index = index.to(device)
+    starts = torch.nonzero(episode_start).flatten()
+    lengths = torch.diff(starts, append=torch.tensor([episode_start.shape[0]], device=device))
+    chosen_starts, chosen_lengths = starts[index], lengths[index]
+    total = int(chosen_lengths.sum())
+    first = torch.repeat_interleave(chosen_starts, chosen_lengths, output_size=total)
+    offsets = torch.cumsum(chosen_lengths, 0) - chosen_lengths
+    within = torch.arange(total, device=device) - torch.repeat_interleave(
+        offsets, chosen_lengths, output_size=total
+    )
+    return first + within
+
+
 @dataclass(frozen=True, slots=True)
 class StepBatch:
     """Flat step tensors of whole episodes.
@@ -91,16 +111,14 @@ class StepBatch:
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(starts)):
             raise IndexError(f"episode ordinals must lie in 0..{len(starts) - 1}, got "
                              f"{int(index.min())}..{int(index.max())}")
-        chosen_lengths = lengths[index]
-        total = int(chosen_lengths.sum())
-        first_row = torch.cumsum(chosen_lengths, dim=0) - chosen_lengths  # in the result
-        offset = torch.arange(total, device=index.device) - torch.repeat_interleave(
-            first_row, chosen_lengths, output_size=total)
-        rows = torch.repeat_interleave(starts[index], chosen_lengths, output_size=total) + offset
+        rows = episode_rows(self.episode_start, index)
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         gathered: dict[str, Any] = {name: None if value is None else value[rows]
                                     for name, value in fields.items()}
-        gathered["episode_start"] = offset == 0
+        chosen_lengths = lengths[index]
+        new_start = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
+        new_start[torch.cumsum(chosen_lengths, 0) - chosen_lengths] = True
+        gathered["episode_start"] = new_start
         return StepBatch(**gathered)
 
     def to(self, device: torch.device | str) -> StepBatch:

@@ -29,28 +29,13 @@ import torch
 from torch import Tensor
 
 from offpg_offline.data import schema as sc
-from offpg_offline.data.batch import StepBatch, batch_from_table
+from offpg_offline.data.batch import StepBatch, batch_from_table, episode_rows
 from offpg_offline.data.spaces import space_from_json
 from offpg_offline.data.store import DEFAULT_ROW_GROUP_SIZE, dataset_files, read_card
 
 # The in-memory trainer holds the loaded StepBatch, the training view and the training split's
 # StepBatch at once: about three copies of every row.
 IN_MEMORY_COPIES = 3
-
-
-def episode_rows(episode_start: Tensor, index: Tensor) -> Tensor:
-    """Row indices of the episodes with ordinals `index`, in that order (vectorised gather)."""
-    device = episode_start.device
-    index = index.to(device)
-    starts = torch.nonzero(episode_start).flatten()
-    lengths = torch.diff(starts, append=torch.tensor([episode_start.shape[0]], device=device))
-    chosen_starts, chosen_lengths = starts[index], lengths[index]
-    first = torch.repeat_interleave(chosen_starts, chosen_lengths)
-    offsets = torch.cumsum(chosen_lengths, 0) - chosen_lengths
-    within = torch.arange(int(chosen_lengths.sum()), device=device) - torch.repeat_interleave(
-        offsets, chosen_lengths
-    )
-    return first + within
 
 
 @dataclass(frozen=True, slots=True)
