@@ -259,13 +259,13 @@ def evaluate_offline(
 
     intervals = bootstrap_intervals(statistics, n_episodes, n_boot=n_boot, level=level, seed=seed)
     refit = _CRITIC_NAMES & set(estimators) if critic_interval == "refit" else set()
+    ones = torch.ones(1, n_episodes, dtype=F64)
     if refit:
         draws = refit_critic_draws(
             policy, batch, args, gamma=gamma, names=refit, config=config, seed=seed,
             n_refit=n_refit or default_n_refit(n_boot), critic_batch=critic_batch,
-            warm_start=critic)
+            warm_start=critic, centre={name: float(statistics[name](ones)[0]) for name in refit})
         intervals.update({name: percentile_interval(d, level) for name, d in draws.items()})
-    ones = torch.ones(1, n_episodes, dtype=F64)
     layout = _layout(step, start)
     log_weight, _ = _log_weights(target_logp, behavior_logp, start)
     trajectory_ess = kish_ess(log_weight[layout.last])

@@ -146,6 +146,7 @@ def refit_critic_draws(
     seed: int,
     critic_batch: StepBatch | None = None,
     warm_start: QCritic | None = None,
+    centre: Mapping[str, float] | None = None,
 ) -> dict[str, Tensor]:
     r"""Bootstrap draws of DR, WDR and FQE in which the critic is refitted on every resample.
 
@@ -162,6 +163,11 @@ def refit_critic_draws(
     With `warm_start` (the critic fitted on all of the critic's episodes) every Q̂_b starts from
     it and runs `refit_backups(config, gamma)` backups of its resample instead of K from a
     random initialisation: the resample's change reaches V̂(s_0) in about 1/(1 − γ) backups.
+    Those extra backups also move the critic on the full log itself when the warm start had not
+    converged; so one more member, the control, is refitted the same way on the unresampled
+    episodes (all counts 1), and with `centre` (the point estimates) every draw is shifted by
+    centre − control: the draws then spread around the point estimate by the resampling alone,
+    not by the refit procedure's own drift (which put whole intervals beside the estimate).
 
     Args:
         policy: π.
@@ -174,6 +180,8 @@ def refit_critic_draws(
         seed: seeds the resamples and the critics.
         critic_batch: episodes the critic is fitted on (default: `batch`).
         warm_start: the single critic fitted on all of them (`fit_fqe`), or None (cold refits).
+        centre: name → point estimate; with `warm_start`, the draws are re-centred on it
+            through the control member (see above).
 
     Returns:
         name → [B] draws of the estimate.
@@ -184,6 +192,11 @@ def refit_critic_draws(
     fit_on = batch if critic_batch is None else critic_batch
     fit_counts = counts if critic_batch is None else bootstrap_counts(
         fit_on.n_episodes, n_refit, generator)
+    control = warm_start is not None and centre is not None
+    if control:  # member n_refit: the unresampled log, refitted like the others
+        counts = torch.cat([counts, torch.ones_like(counts[:1])])
+        fit_counts = counts if critic_batch is None else torch.cat(
+            [fit_counts, torch.ones_like(fit_counts[:1])])
     row_weights = fit_counts[:, episode_index(fit_on.episode_start.cpu())].float()
     ensemble = fit_fqe(policy, fit_on, gamma=gamma, seed=seed,
                        config=config if warm_start is None else refit_backups(config, gamma),
@@ -192,7 +205,7 @@ def refit_critic_draws(
         ensemble, policy, batch, action_samples=config.action_samples, seed=seed))
     cut = (batch.truncated & ~batch.terminated).cpu()
     draws: dict[str, list[Tensor]] = {name: [] for name in names}
-    for b in range(n_refit):  # a loop over resamples, each vectorised over rows
+    for b in range(counts.shape[0]):  # a loop over resamples, each vectorised over rows
         c = counts[b: b + 1]
         end_value = torch.where(cut, next_value[b], 0.0) if ensemble.bootstraps_truncated else None
         critic_args = (*args, q_value[b], state_value[b])
@@ -204,7 +217,11 @@ def refit_critic_draws(
                 *critic_args, gamma=gamma, end_value=end_value, counts=c))
         if "fqe" in names:
             draws["fqe"].append(episode_mean(direct_method(state_value[b], start), c))
-    return {name: torch.cat(parts).double() for name, parts in draws.items()}
+    result = {name: torch.cat(parts).double() for name, parts in draws.items()}
+    if control:
+        assert centre is not None
+        result = {name: d[:-1] - (d[-1] - centre[name]) for name, d in result.items()}
+    return result
 
 
 def refit_backups(config: FQEConfig, gamma: float) -> FQEConfig:
