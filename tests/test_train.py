@@ -309,3 +309,46 @@ def test_an_option_the_estimator_ignores_is_refused_before_anything_is_written(
         train(WEAK, config, tracker=tracker, out_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
     assert tracker.params == {} and tracker.tags == {} and tracker.artifacts == []
+
+
+_DISK_FILLS_MID_RUN = r"""
+import resource, sys
+from pathlib import Path
+from offpg_offline.config import TrainConfig
+from offpg_offline.train import NullTracker, train
+
+class FillsTheDisk(NullTracker):
+    # At step 15 (after step-000010.pt) no file of this process may grow past 1 KiB any more:
+    # the next checkpoint's write fails with EFBIG, as with ENOSPC (and it works as root).
+    def log_metrics(self, metrics, *, step):
+        if step >= 15:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+
+try:
+    train(Path(sys.argv[1]), TrainConfig(steps=40, log_every=5, checkpoint_every=10, threads=1,
+          bc_steps=5, baseline="none"), tracker=FillsTheDisk(), out_dir=Path(sys.argv[2]))
+except ValueError as err:
+    print(err, file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_while_saving_names_the_checkpoint_and_keeps_the_earlier_ones(
+    tmp_path: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-c", _DISK_FILLS_MID_RUN, str(DATASETS / "cartpole-weak"), str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-2000:]
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"cannot save checkpoint {out / 'step-000020.pt'}: "), line
+    assert f"(step-000010.pt) are kept in {out}" in line, line
+    assert "Traceback" not in done.stderr and "PytorchStreamWriter" not in line
+    assert sorted(p.name for p in out.iterdir() if p.suffix in (".pt", ".tmp")) == [
+        "step-000010.pt"]
+    assert policy_from_checkpoint(torch.load(out / "step-000010.pt", weights_only=True))

@@ -8,6 +8,7 @@ training is rebuilt from the seed and the step (`training.batches.stream`), so
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +29,42 @@ def save_checkpoint(
 ) -> Path:
     """Model and optimiser state, step and config, so `torch.load(path, weights_only=True)`
     reads it and `train(..., resume=path)` continues exactly. Written to a temporary name, then
-    renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    renamed.
+
+    Raises:
+        CheckpointError: the file could not be written (a full disk, a folder that vanished);
+            one sentence naming the path, the temporary file removed, earlier checkpoints kept.
+    """
     tmp = path.with_suffix(".tmp")
-    torch.save(
-        {
-            "spec": policy.spec(),  # type: ignore[operator]  # every policy class has spec()
-            "state_dict": _to_cpu(policy.state_dict()),
-            "optimizer": _to_cpu(optimizer.state_dict()),
-            "step": step,
-            "config": as_params(config),
-        },
-        tmp,
-    )
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                "spec": policy.spec(),  # type: ignore[operator]  # every policy class has spec()
+                "state_dict": _to_cpu(policy.state_dict()),
+                "optimizer": _to_cpu(optimizer.state_dict()),
+                "step": step,
+                "config": as_params(config),
+            },
+            tmp,
+        )
+        tmp.replace(path)
+    except (OSError, RuntimeError) as err:  # torch reports a failed write as RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(path, err) from err
     return path
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be saved: names the file and what is kept."""
+
+    def __init__(self, path: Path, err: BaseException) -> None:
+        errno = getattr(err, "errno", None)
+        reason = os.strerror(errno) if errno else "the write failed (is the disk full?)"
+        kept = sorted(p.name for p in path.parent.glob("*.pt")) if path.parent.is_dir() else []
+        where = (f"the earlier checkpoints ({', '.join(kept)}) are kept in {path.parent}" if kept
+                 else "no earlier checkpoint was saved")
+        super().__init__(f"cannot save checkpoint {path}: {reason}; {where}")
 
 
 def _to_cpu(state: Any) -> Any:
