@@ -178,6 +178,10 @@ def test_clip_none_trains_unclipped_and_its_config_reruns_unclipped(workdir: Pat
         (["--estimator", "per-decision", "--ppo-epsilon", "0.2"],
          "error: option ppo_epsilon=0.2 is not supported by the per-decision estimator"),
         (["--out-dir", "a-file/sub"], "error: --out-dir a-file/sub cannot be created: a-file is"),
+        (["--env", "NoSuchEnv-v3"],
+         "error: --env 'NoSuchEnv-v3' is not a registered gymnasium environment; check the id"),
+        (["--env", "cartpole-v1"], "error: --env 'cartpole-v1' is not a registered gymnasium "
+                                   "environment; did you mean CartPole-v0, CartPole-v1?"),
     ],
 )
 def test_bad_values_are_one_line_naming_the_option_before_any_tracking(

@@ -139,3 +139,21 @@ def _kwargs_text(kwargs: Any) -> str:
     if not isinstance(kwargs, Mapping):
         return repr(kwargs)
     return ", ".join(f"{key}={value!r}" for key, value in kwargs.items())
+
+
+def check_env_option(env: str | None, option: str = "--env") -> None:
+    """Refuse an env id the user typed (`--env`) that gymnasium does not know, before anything
+    runs: a typo would otherwise only skip online evaluation. A registered env whose package is
+    missing (LunarLander without Box2D), EnvSpec JSON, and `module:Env-v0` ids (gymnasium
+    imports the module the user names) pass; a card's env is judged when it is built.
+
+    Raises:
+        ValueError: one sentence naming the option and the id.
+    """
+    if env is None or env.lstrip().startswith("{") or ":" in env or env in gym.registry:
+        return
+    close = sorted(known for known in gym.registry if known.split("-v")[0].lower()
+                   == env.split("-v")[0].lower())
+    hint = f"; did you mean {', '.join(close[:3])}?" if close else (
+        "; check the id (e.g. CartPole-v1) or import the package that registers it")
+    raise ValueError(f"{option} {env!r} is not a registered gymnasium environment{hint}")

@@ -457,9 +457,12 @@ def evaluate(
     """
     import tempfile
 
+    from offpg_offline.data.envspec import check_env_option
+
     config = config or EvaluateConfig()
     if (target is None) == (policy is None):
         raise ValueError("give either a run or checkpoint to evaluate, or --policy, not both")
+    check_env_option(config.env)
     with tempfile.TemporaryDirectory() as tmp:
         source = None
         if target is not None and Path(target).is_dir():

@@ -147,9 +147,11 @@ def train_run(dataset: Path, run: RunConfig, out_dir: Path | None) -> tuple[str 
     if os.environ.get("RANK", "0") != "0":
         return None, train_job.train(dataset, run.train, out_dir=out_dir)
     from offpg_offline.data.card import verify_parts
+    from offpg_offline.data.envspec import check_env_option
     from offpg_offline.data.store import read_card
 
     train_job.surrogate_options(run.train)  # an option the estimator ignores: refused, no run
+    check_env_option(run.train.env)
     card = read_card(dataset, allow_env_entry_point=run.train.allow_env_entry_point)
     verify_parts(dataset, card, full_hash=run.train.verify)  # before anything is recorded
     with tracking.MlflowTracker.start(
