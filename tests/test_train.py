@@ -352,3 +352,15 @@ def test_a_disk_that_fills_while_saving_names_the_checkpoint_and_keeps_the_earli
     assert sorted(p.name for p in out.iterdir() if p.suffix in (".pt", ".tmp")) == [
         "step-000010.pt"]
     assert policy_from_checkpoint(torch.load(out / "step-000010.pt", weights_only=True))
+
+
+@pytest.mark.parametrize("estimator", [EstimatorName.PER_STEP, EstimatorName.CRITIC])
+def test_the_validation_pdis_reads_logged_rewards_not_returns_to_go(estimator) -> None:
+    """`ope/pdis_validation` estimates J(π_θ) = E[Σ_t γ^t r_t]: its probe must hold the logged
+    rewards (CartPole pays exactly 1 per step), not the G_t or Q̂_t a step estimator trains on
+    (which made it read ≈ 1700 beside an online return of 500)."""
+    config = TrainConfig(estimator=estimator, steps=1, threads=1)
+    data = prepare_data(WEAK, config)
+    assert data.val_probe is not None and data.val_probe.n_rows > 0
+    assert torch.equal(data.val_probe.reward, torch.ones_like(data.val_probe.reward))
+    assert bool((data.train_view.reward > 1.5).any())  # the training rows do hold G_t

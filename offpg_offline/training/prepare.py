@@ -106,8 +106,10 @@ def prepare_data(dataset: Path, config: TrainConfig) -> TrainingData:
     if len(val_local):
         val_rows = episode_rows(batch.episode_start, val_local)
         validation = (batch.episodes(val_local), behavior_logp[val_rows])
+        raw = LogView(batch.obs, batch.action, behavior_logp, batch.reward, batch.step,
+                      batch.episode_start, None)  # PDIS estimates J from rewards, never from G_t
         val_probe = diagnostic_subset(
-            full_view.episodes(val_local), DIAGNOSTIC_STEPS, stream(config.seed, "probe", 1)
+            raw.episodes(val_local), DIAGNOSTIC_STEPS, stream(config.seed, "probe", 1)
         )
     source: BatchSource = (
         InMemoryBatches(train_view, config)
