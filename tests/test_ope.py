@@ -648,3 +648,18 @@ def test_selection_score_reads_the_named_number() -> None:
     assert selection_score(estimates, "is_lb") == 0.2
     with pytest.raises(ValueError, match="cannot select by 'wdr_lb'; choose from is, is_ci_low"):
         selection_score(estimates, "wdr_lb")
+
+
+def test_fqe_with_gamma_one_and_bootstrapped_truncation_stays_finite() -> None:
+    # γ = 1 with truncated ends bootstrapped: the value box is [0, r_max · ∞) for rewards ≥ 0,
+    # and its lower end must be 0, not 0 · ∞ = NaN (which made every target NaN).
+    mdp = random_mdp(seed=0)
+    log = simulate(mdp, random_policy(1), 50, seed=3)
+    batch = as_batch(log, mdp.n_states)
+    batch = StepBatch(**{**{f: getattr(batch, f) for f in StepBatch.__dataclass_fields__},
+                         "reward": batch.reward - mdp.reward.min().float()})
+    critic = fit_fqe(tabular_policy(random_policy(2)), batch, gamma=1.0, seed=0,
+                     config=FQEConfig(hidden=(8,), iterations=3, steps_per_iteration=5,
+                                      bootstrap_truncated=True))
+    values = critic_values(critic, tabular_policy(random_policy(2)), batch)
+    assert all(bool(torch.isfinite(v).all()) for v in values)

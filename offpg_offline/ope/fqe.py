@@ -346,8 +346,10 @@ def _regress(critic: QCritic, policy: TargetPolicy, batch: StepBatch, obs: Tenso
     else:
         steps_left = (horizon - 1 - step).clamp_min(0).float()
     remaining = steps_left if gamma == 1.0 else (1 - gamma ** steps_left) / (1 - gamma)
-    low = min(0.0, float(reward.min())) * remaining
-    high = max(0.0, float(reward.max())) * remaining
+    r_min, r_max = float(reward.min()), float(reward.max())
+    # written out so that 0 · ∞ (γ = 1 with bootstrapped truncation) is 0, not NaN
+    low = r_min * remaining if r_min < 0 else torch.zeros_like(remaining)
+    high = r_max * remaining if r_max > 0 else torch.zeros_like(remaining)
     optimizer = torch.optim.Adam(critic.parameters(), lr=config.lr)
     if warm_start is not None:
         _warm_start(critic, warm_start, optimizer)
