@@ -238,3 +238,28 @@ def test_percentile_interval_uses_the_b_plus_1_order_statistics() -> None:
     assert percentile_interval(torch.arange(1.0, 51.0).flip(0), 0.5) == pytest.approx(
         (12.75, 38.25))
     assert percentile_interval(torch.tensor([3.0, 1.0]), 0.95) == (1.0, 3.0)  # clamped
+
+
+def test_the_control_member_recentres_the_warm_refit_draws_on_the_point_estimate() -> None:
+    # With a warm start, one more member is refitted on the unresampled log (the control) and
+    # every draw is shifted by (centre − control): moving the centre by 1 moves every draw by
+    # exactly 1, and the number of draws stays n_refit (the control is not a draw).
+    from offpg_offline.ope.intervals import refit_critic_draws
+
+    mdp = problem()
+    batch = simulate(mdp, 60, seed=4)
+    policy = tabular_policy(mdp["target"])
+    whole = fit_fqe(policy, batch, gamma=GAMMA, config=TABULAR, seed=0)
+    with torch.no_grad():
+        target_logp = policy.log_prob(batch.obs, batch.action).double()
+    args = (target_logp, batch.logged_logp.double(), batch.reward.double(), batch.step,
+            batch.episode_start)
+    draws = {c: refit_critic_draws(policy, batch, args, gamma=GAMMA, names=("fqe", "dr"),
+                                   config=TABULAR, n_refit=8, seed=0, warm_start=whole,
+                                   centre={"fqe": c, "dr": 2 * c})
+             for c in (0.0, 1.0)}
+    assert draws[0.0]["fqe"].shape == (8,)
+    torch.testing.assert_close(draws[1.0]["fqe"] - draws[0.0]["fqe"],
+                               torch.ones(8, dtype=torch.float64), atol=1e-12, rtol=0.0)
+    torch.testing.assert_close(draws[1.0]["dr"] - draws[0.0]["dr"],
+                               torch.full((8,), 2.0, dtype=torch.float64), atol=1e-12, rtol=0.0)

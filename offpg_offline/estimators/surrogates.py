@@ -442,7 +442,7 @@ def per_step_surrogate(
     drawn from many episodes, pass precomputed `returns` and `episode_start` all True: the loss
     is then the per-step mean (the episode scale divided by the mean episode length).
 
-    Options: `clip` caps ρ_t at c (both clip modes: there is no product here);
+    Options: `clip` caps ρ_t at c (`clip_mode="cumulative"` is refused: no product here);
     `self_normalize` divides ρ_t by its batch mean over the M steps (not detached);
     `standardize_returns` standardises G_t − b_t over the batch; `psis` Pareto-smooths the M
     ratios; `ppo_epsilon` = ε uses PPO's min(ρ_t A_t, clip(ρ_t, 1−ε, 1+ε) A_t)

@@ -4,8 +4,11 @@ Conventions (padding of ended episodes, counts for resampling) are in `offpg_off
 Weights come from the shared log-space pipeline of `offpg_offline.estimators.weights` and are
 never exponentiated raw: a weight that multiplies a return is exp(min(log w, MAX_LOG_WEIGHT))
 (the trainer's cap, e^80), and every normaliser (WIS, WPDIS, WDR) is formed from log-weights
-shifted by their maximum, so self-normalised estimates are exact for any log-weights (±800
-included: no OverflowError, no 0/0 → 0.0) and the cap never binds on them.
+shifted by their maximum, so self-normalised point estimates are exact for any log-weights
+(±800 included: no OverflowError, no 0/0 → 0.0) and the cap never binds on them. One limit: in a
+bootstrap resample WPDIS/WDR shift each time column by its maximum over all episodes, so a
+resample that omits that episode and whose drawn weights at t are all > 745 nats below it gets 0
+for that column (WIS shifts per resample and has no such limit).
 """
 
 from __future__ import annotations
