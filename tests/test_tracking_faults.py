@@ -339,7 +339,13 @@ def test_upload_metrics_refuses_artifacts_outside_the_run_folder(
         assert unsent.is_file()
     for line, sentence in (('["not", "a", "record"]', "is not a record of a run"),
                            ('{"kind": "metric", "key": "m"}', "a metric record needs value, "
-                                                              "timestamp, step")):
+                                                              "timestamp, step"),
+                           ('{"kind": "metric", "key": "m", "value": 1, "timestamp": null, '
+                            '"step": 1}', "timestamp of a metric record is null, not a number"),
+                           ('{"kind": "metric", "key": "m", "value": "x", "timestamp": 0, '
+                            '"step": 1}', 'value of a metric record is "x", not a number'),
+                           ('{"kind": "param", "key": ["k"], "value": "v"}',
+                            'key of a param record is ["k"], not a string')):
         unsent.write_text(json.dumps(header) + "\n" + line + "\n")
         result = CliRunner().invoke(app, ["upload-metrics", str(run_dir)])
         assert result.exit_code == 2 and sentence in result.output, result.output

@@ -179,12 +179,13 @@ def resume_run(dataset: Path, run_id: str, out_dir: Path | None) -> tuple[Path, 
     if checkpoint is None:
         raise ValueError(
             f"no checkpoint of run {run_id} in {folder}; pass --out-dir where it saved them")
+    card = read_card(dataset, allow_env_entry_point=run.train.allow_env_entry_point)
     with tracking.MlflowTracker.start(run.tracking, experiment="", run_name="",
                                       run_id=run_id) as tracker:
         tracker.fallback_dir = folder
         result = train_job.train(dataset, run.train, tracker=tracker, out_dir=folder,
                                  progress=True, resume=checkpoint)
-        record_run(tracker, dataset, read_card(dataset), run.train, result)
+        record_run(tracker, dataset, card, run.train, result)
     return checkpoint, result
 
 

@@ -113,7 +113,7 @@ def run_sweep(dataset: Path, base: RunConfig, configs: list[TrainConfig], *, gri
 
     for config in configs:  # an option an estimator ignores: refused before any run starts
         train_job.surrogate_options(config)
-    card = read_card(dataset)
+    card = read_card(dataset, allow_env_entry_point=base.train.allow_env_entry_point)
     name = str(card.get("name", dataset.name))
     estimators = list(dict.fromkeys(c.estimator.value for c in configs))
     seeds = list(dict.fromkeys(str(c.seed) for c in configs))

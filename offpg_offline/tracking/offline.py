@@ -208,6 +208,24 @@ _REQUIRED = {"run": ("run_id", "tracking_uri"), "metric": ("key", "value", "time
              "status": ("status",), "dataset": ("path",), "model": ("checkpoint", "name")}
 
 
+_NUMBERS = frozenset({"value", "timestamp", "step"})  # of a metric; every other field is text
+
+
+def _numeric(kind: str, key: str) -> bool:
+    return kind == "metric" and key in _NUMBERS
+
+
+def _of_kind(kind: str, key: str, value: Any) -> bool:
+    if _numeric(kind, key):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, str) or (key == "artifact_path" and value is None)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _checked(path: Path, number: int, record: Any, root: Path) -> dict[str, Any]:
     """One line of an unsent file, its keys present and its artifact inside `root`."""
     where = f"{path}: line {number}"
@@ -217,6 +235,12 @@ def _checked(path: Path, number: int, record: Any, root: Path) -> dict[str, Any]
     missing = [key for key in _REQUIRED[record["kind"]] if key not in record]
     if missing:
         raise ValueError(f"{where}: a {record['kind']} record needs {', '.join(missing)}; "
+                         "nothing was sent")
+    kind = record["kind"]
+    wrong = [key for key in _REQUIRED[kind] if not _of_kind(kind, key, record[key])]
+    if wrong:
+        raise ValueError(f"{where}: {wrong[0]} of a {kind} record is {_short(record[wrong[0]])}, "
+                         f"not a {'number' if _numeric(kind, wrong[0]) else 'string'}; "
                          "nothing was sent")
     if record["kind"] == "artifact":
         named = str(record["path"])
