@@ -151,6 +151,16 @@ def test_a_parquet_table_of_probabilities_is_aligned_by_episode_and_step(tmp_pat
     for name in ("is", "wis", "pdis", "wpdis"):
         assert data["ope"][name]["value"] == pytest.approx(returns.mean(), rel=1e-4), name
 
+    # The same table with a fixed-size list column (Arrow's fixed_size_list, polars' Array).
+    fixed = tmp_path / "pi-fixed.parquet"
+    table.with_columns(pl.col("action_probs").list.to_array(probs.shape[1])).write_parquet(fixed)
+    again = CliRunner().invoke(app, ["evaluate", "--policy", str(fixed), "--dataset",
+                                     str(DATASET), "--estimators", "wis", "--n-boot", "20",
+                                     "--json"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["ope"]["wis"]["value"] == pytest.approx(returns.mean(),
+                                                                             rel=1e-4)
+
     # The same table as an [N, A] array in the dataset's row order, through the Python API.
     from offpg_offline.jobs.evaluate import evaluate
 

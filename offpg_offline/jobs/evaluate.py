@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from offpg_offline.config import EvaluateConfig, Propensity
+from offpg_offline.config import EvaluateConfig, Propensity, TrainConfig
 
 Progress = Callable[[str], None]
 EVALUATION_KIND = "evaluation"  # value of the `offpg.kind` tag of an evaluation run
@@ -190,7 +190,8 @@ def load_checkpoint_target(path: Path, *, choice: str | None = None,
     try:
         policy = policy_from_checkpoint(ckpt).eval()
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{name or path}: not a policy checkpoint ({err})") from None
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{name or path}: not a policy checkpoint ({first})") from None
     from offpg_offline.data.split import VALIDATION_RECORD, read_validation_record
 
     params = dict(ckpt.get("config") or {})
@@ -331,8 +332,9 @@ def held_out_episodes(batch: Any, split: str, target: Target, source: RunSource 
         held_out, how = recorded, "recorded"
     else:
         params = {**target.params, **(source.params if source is not None else {})}
-        _, held_out = split_episodes(ids, float(params.get("val_fraction", 0.2)),
-                                     int(params.get("seed", 0)))
+        defaults = TrainConfig()  # a run records every field; these are for bare checkpoints
+        _, held_out = split_episodes(ids, float(params.get("val_fraction", defaults.val_fraction)),
+                                     int(params.get("seed", defaults.seed)))
         how = "recomputed"
     mask = torch.isin(ids, held_out)
     if not bool(mask.any()):
@@ -499,7 +501,8 @@ def _evaluate(chosen: Target | None, source: RunSource | None, dataset: Path | N
     _done(progress, started, "loading")
     target = chosen if chosen is not None else policy_target(policy, batch, card)
     params = {**target.params, **(source.params if source else {})}
-    gamma = float(params.get("gamma", 0.99)) if config.gamma is None else config.gamma
+    default_gamma = TrainConfig().gamma
+    gamma = float(params.get("gamma", default_gamma)) if config.gamma is None else config.gamma
     propensity = config.propensity or Propensity(params.get("propensity", "logged"))
     split = config.split or ("all" if dataset is not None else "validation")
     held_out, critic_batch, how, held_ids = held_out_episodes(batch, split, target, source)

@@ -168,7 +168,7 @@ def read_probability_table(path: Path, episode_id: Tensor, step: Tensor, *,
         raise ValueError(f"{path}: no list column {column or PROBABILITY_COLUMN!r} of action "
                          f"probabilities (list columns: {', '.join(lists) or 'none'})")
     frame = frame.select(pl.col("episode_id").cast(pl.Int64), pl.col("step").cast(pl.Int64),
-                         pl.col(column).alias("_probs"))
+                         pl.col(column).cast(pl.List(pl.Float64)).alias("_probs"))
     duplicated = frame.select(pl.struct("episode_id", "step").is_duplicated()).to_series()
     if duplicated.any():
         first = frame.filter(duplicated).row(0)
