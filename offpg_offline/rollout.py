@@ -79,6 +79,35 @@ def _to_env_action(space: gym.Space, action: torch.Tensor) -> Any:
     return value
 
 
+def check_fits(policy: nn.Module, env: gym.Env) -> None:
+    """Refuse an environment whose flattened observations or discrete action count differ from
+    the policy's (the log's), e.g. `--env Acrobot-v1` for a CartPole policy.
+
+    Raises:
+        ValueError: one sentence naming the env and both sizes.
+    """
+    name = env.spec.id if env.spec is not None else type(env).__name__
+    obs_dim = getattr(policy, "obs_dim", None)
+    env_dim = gym.spaces.flatdim(env.observation_space)
+    if obs_dim is not None and int(obs_dim) != env_dim:
+        raise ValueError(f"environment {name} gives observations of {env_dim} numbers but the "
+                         f"policy takes {int(obs_dim)} (the log's): evaluate it in the "
+                         "environment the log came from")
+    n_actions = getattr(policy, "n_actions", None)
+    space = env.action_space
+    if n_actions is not None and isinstance(space, gym.spaces.Discrete) and int(space.n) != int(
+            n_actions):
+        raise ValueError(f"environment {name} has {int(space.n)} actions but the policy chooses "
+                         f"among {int(n_actions)} (the log's): evaluate it in the environment the "
+                         "log came from")
+    action_dim = getattr(policy, "action_dim", None)
+    if action_dim is not None and isinstance(space, gym.spaces.Box) and int(
+            np.prod(space.shape)) != int(action_dim):
+        raise ValueError(f"environment {name} takes actions of {int(np.prod(space.shape))} "
+                         f"numbers but the policy gives {int(action_dim)} (the log's): evaluate it "
+                         "in the environment the log came from")
+
+
 def evaluate_online(
     policy: nn.Module,
     env_id: Any,
@@ -110,7 +139,8 @@ def evaluate_online(
         An `OnlineResult`.
 
     Raises:
-        ValueError: if the environment cannot be built (the message says why).
+        ValueError: if the environment cannot be built, or its observations or discrete
+            actions do not fit the policy (`check_fits`; the message says why).
     """
     if episodes <= 0:
         raise ValueError(f"episodes must be positive, got {episodes}")
@@ -123,6 +153,12 @@ def evaluate_online(
             raise ValueError(reason)
     else:
         env = env_id
+    try:
+        check_fits(policy, env)
+    except ValueError:
+        if own_env:
+            env.close()
+        raise
     returns, discounted, lengths = [], [], []
     actor: Any = policy  # any module with mode/sample (nn.Module's typing hides them)
     was_training = policy.training

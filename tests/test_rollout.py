@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from offpg_offline.policies import CategoricalPolicy
+from offpg_offline.policies import CategoricalPolicy, GaussianPolicy
 from offpg_offline.rollout import EnvUnavailableWarning, evaluate_online, make_env, try_make_env
 
 
@@ -131,3 +131,19 @@ def test_without_gamma_the_discounted_return_is_the_undiscounted_one() -> None:
     with pytest.raises(ValueError, match="gamma"):
         evaluate_online(_linear_controller([0.0, 0.0, -1.0, 0.0]), "CartPole-v1", episodes=1,
                         gamma=1.5)
+
+
+@pytest.mark.parametrize(
+    ("policy", "env_id", "words"),
+    [
+        (CategoricalPolicy(4, 2, hidden=()), "Acrobot-v1", "observations of 6 numbers"),
+        (CategoricalPolicy(4, 3, hidden=()), "CartPole-v1", "has 2 actions"),
+        (GaussianPolicy(3, 2, hidden=()), "Pendulum-v1", "actions of 1 numbers"),
+    ],
+)
+def test_an_environment_that_does_not_fit_the_policy_is_refused_by_name(
+    policy: torch.nn.Module, env_id: str, words: str
+) -> None:
+    # Acrobot: 6-number observations, 3 actions; CartPole: 4 and 2; Pendulum: 3 and a 1-D box.
+    with pytest.raises(ValueError, match=f"environment {env_id} .*{words}.*the log came from"):
+        evaluate_online(policy, env_id, episodes=1)
