@@ -105,12 +105,15 @@ class Surrogate(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class _Inputs:
-    """Validated inputs shared by the surrogates (all float64, constants detached)."""
+    """Validated inputs shared by the surrogates (all float64, constants detached).
+
+    `discount` is γ^t per row, or None when every γ^t is exactly 1 (γ = 1: the trainer's step
+    rows), so that no multiplication by ones is made (x·1 = x exactly: the same numbers)."""
 
     target_logp: Tensor
     log_rho: Tensor
     reward: Tensor
-    discount: Tensor
+    discount: Tensor | None
     episode_start: Tensor
     baseline: Tensor
     returns: Tensor | None
@@ -139,19 +142,31 @@ def _prepare(
     if baseline is None:
         base = torch.zeros_like(reward, dtype=torch.float64)
     elif isinstance(baseline, Tensor):
-        base = baseline.detach().double()
+        base = _float64(baseline)
     else:
         base = torch.full_like(reward, float(baseline), dtype=torch.float64)
+    reward64 = _float64(reward)
     return _Inputs(
         target_logp=target_logp,
         log_rho=log_ratio(target_logp, behavior_logp),
-        reward=reward.detach().double(),
-        discount=gamma ** step.detach().double(),
+        reward=reward64,
+        discount=None if gamma == 1.0 else gamma ** _float64(step),
         episode_start=episode_start,
         baseline=base,
-        returns=None if returns is None else returns.detach().double(),
+        returns=None if returns is None else reward64 if returns is reward else _float64(returns),
         n_episodes=int(episode_start.sum()),
     )
+
+
+def _float64(column: Tensor) -> Tensor:
+    """A constant column in float64: itself when it already is (the trainer's batches hold
+    float64 columns, `training.batches.surrogate_columns`), else one exact copy."""
+    return column.detach().to(torch.float64)
+
+
+def _discounted(x: _Inputs, terms: Tensor) -> Tensor:
+    """γ^t · `terms` per row (`terms` itself when γ = 1)."""
+    return terms if x.discount is None else x.discount * terms
 
 
 def _returns(x: _Inputs, gamma: float) -> Tensor:
@@ -240,7 +255,7 @@ def trajectory_surrogate(
     if x.returns is not None:
         episode_return = x.returns[x.episode_start]
     else:
-        episode_return = episode_sum(x.discount * x.reward, x.episode_start)
+        episode_return = episode_sum(_discounted(x, x.reward), x.episode_start)
     advantage = episode_return - x.baseline[x.episode_start]
     if options.standardize_returns:
         mean, std = _standardize(advantage)
@@ -326,7 +341,7 @@ def per_decision_surrogate(
     if options.standardize_returns:
         mean, scale = _standardize(_returns(x, gamma) - x.baseline)
         base = base + mean
-    terms = x.discount * (weight * x.reward - (weight - previous) * base) / scale
+    terms = _discounted(x, weight * x.reward - (weight - previous) * base) / scale
     return _reduce(terms, x, reduction)
 
 
@@ -404,12 +419,12 @@ def past_weight_surrogate(
         mean, std = _standardize(advantage)
         advantage = (advantage - mean) / std
     if options.ppo_epsilon is None:
-        terms = x.discount * log_w.exp() * x.target_logp.double() * advantage
+        terms = _discounted(x, log_w.exp()) * x.target_logp.double() * advantage
     else:
         previous = torch.where(x.episode_start, 0.0, torch.roll(log_w, 1)).exp()
         step_clip = options.clip if options.clip_mode == "step" else None
         ratio = cap_log_weight(clip_log_ratio(x.log_rho, step_clip)).exp()
-        terms = x.discount * previous * _ppo_term(ratio, advantage, options.ppo_epsilon)
+        terms = _discounted(x, previous) * _ppo_term(ratio, advantage, options.ppo_epsilon)
     return _reduce(terms, x, reduction)
 
 
@@ -483,7 +498,7 @@ def per_step_surrogate(
         mean, std = _standardize(advantage)
         advantage = (advantage - mean) / std
     if options.ppo_epsilon is None:
-        terms = x.discount * ratio * advantage
+        terms = _discounted(x, ratio) * advantage
     else:
-        terms = x.discount * _ppo_term(ratio, advantage, options.ppo_epsilon)
+        terms = _discounted(x, _ppo_term(ratio, advantage, options.ppo_epsilon))
     return _reduce(terms, x, reduction)
