@@ -78,8 +78,10 @@ def ensure_venv(venv: Path = VENV) -> Path:
     """The d3rlpy venv's python, creating the venv on first use."""
     python = venv / "bin" / "python"
     probe = f"import d3rlpy, sys; sys.exit(d3rlpy.__version__ != {D3RLPY!r})"
-    if python.is_file() and subprocess.run([python, "-c", probe]).returncode == 0:
-        return python
+    if python.is_file():
+        found = subprocess.run([python, "-c", probe], capture_output=True)  # d3rlpy warns of gym
+        if found.returncode == 0:
+            return python
     print(f"creating {venv} (torch 2.13.0 CPU, d3rlpy {D3RLPY}) ...", flush=True)
     venv.parent.mkdir(parents=True, exist_ok=True)
     constraints = venv.parent / "d3rlpy-constraints.txt"
