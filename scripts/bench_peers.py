@@ -83,9 +83,12 @@ def ensure_venv(venv: Path = VENV) -> Path:
         if found.returncode == 0:
             return python
     print(f"creating {venv} (torch 2.13.0 CPU, d3rlpy {D3RLPY}) ...", flush=True)
-    venv.parent.mkdir(parents=True, exist_ok=True)
     constraints = venv.parent / "d3rlpy-constraints.txt"
-    constraints.write_text(CONSTRAINTS)
+    try:
+        venv.parent.mkdir(parents=True, exist_ok=True)
+        constraints.write_text(CONSTRAINTS)
+    except OSError as error:
+        raise BenchError(f"cannot create the d3rlpy venv {venv}: {error.strerror}") from None
     steps = [[sys.executable, "-m", "venv", str(venv)]] + [
         [str(python), "-m", "pip", "install", "-q", "-c", str(constraints), *packages]
         for packages in INSTALLS
@@ -94,8 +97,8 @@ def ensure_venv(venv: Path = VENV) -> Path:
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise BenchError(f"cannot create the d3rlpy venv {venv}: {' '.join(command[2:5])} "
-                             f"failed ({last})")
+            what = "python -m venv" if command[2] == "venv" else "pip install " + command[-1]
+            raise BenchError(f"cannot create the d3rlpy venv {venv}: {what} failed ({last})")
     return python
 
 

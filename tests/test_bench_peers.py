@@ -99,3 +99,9 @@ def test_results_table_reuses_eps_cells_for_noprop_and_marks_deterministic_peers
     behavior = json.loads((ROOT / "datasets/cartpole-eps-noprop/_dataset.json").read_text())
     assert f"{behavior['behavior']['mean_return']:.1f}" in row[1]
     assert not math.isnan(float(row[1].split(" / ")[1]))
+
+
+def test_a_venv_that_cannot_be_created_is_one_sentence(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(bench.BenchError, match=r"cannot create the d3rlpy venv .*file/venv"):
+        bench.ensure_venv(tmp_path / "file" / "venv")
