@@ -97,7 +97,8 @@ def ensure_venv(venv: Path = VENV) -> Path:
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            what = "python -m venv" if command[2] == "venv" else "pip install " + command[-1]
+            packages = " ".join(command[7:])
+            what = "python -m venv" if command[2] == "venv" else f"pip install {packages}"
             raise BenchError(f"cannot create the d3rlpy venv {venv}: {what} failed ({last})")
     return python
 
