@@ -20,7 +20,7 @@ from offpg_offline.estimators.weights import (
     MAX_LOG_WEIGHT,
     ClipModeName,
     check_clip,
-    cumulative_log_weight,
+    cumulative_from_log_ratio,
     kish_ess,
     log_ratio,
 )
@@ -92,9 +92,13 @@ def kl_penalty(target_logp: Tensor, behavior_logp: Tensor) -> Tensor:
     Returns:
         A scalar tensor in the dtype of `target_logp`.
     """
-    lr = log_ratio(target_logp, behavior_logp).clamp_max(MAX_LOG_WEIGHT)
-    terms = lr.exp() * lr - torch.expm1(lr)
-    return terms.mean().to(target_logp.dtype)
+    return _kl_of_capped(log_ratio(target_logp, behavior_logp, upper=MAX_LOG_WEIGHT)).to(
+        target_logp.dtype)
+
+
+def _kl_of_capped(lr: Tensor) -> Tensor:
+    """(1/M) Σ_t [ρ_t log ρ_t − ρ_t + 1] from log ρ_t already capped at `MAX_LOG_WEIGHT`."""
+    return (lr.exp() * lr - torch.expm1(lr)).mean()
 
 
 def kl_to_behavior(target_logp: Tensor, behavior_logp: Tensor) -> float:
@@ -111,12 +115,20 @@ def diagnostic_log_weights(
     level: WeightLevel = "episode",
 ) -> Tensor:
     """Raw (unclipped) log-weights at one level: per episode w_{1:T} [E], all w_{1:t}, or ρ_t."""
-    if level == "episode":
-        return episode_sum(log_ratio(target_logp, behavior_logp), episode_start)
     if level == "cumulative":
-        return cumulative_log_weight(target_logp, behavior_logp, episode_start)
+        check_flat(target_logp=target_logp, behavior_logp=behavior_logp,
+                   episode_start=episode_start)
+    return _log_weights_at(log_ratio(target_logp, behavior_logp), episode_start, level)
+
+
+def _log_weights_at(step_log: Tensor, episode_start: Tensor, level: WeightLevel) -> Tensor:
+    """`diagnostic_log_weights` from the per-step log-ratios log ρ_t."""
+    if level == "episode":
+        return episode_sum(step_log, episode_start)
+    if level == "cumulative":
+        return cumulative_from_log_ratio(step_log, episode_start)
     if level == "step":
-        return log_ratio(target_logp, behavior_logp)
+        return step_log
     raise ValueError(f"level must be 'episode', 'cumulative' or 'step', got {level!r}")
 
 
@@ -156,19 +168,18 @@ def weight_diagnostics(
     check_episode_start(episode_start)
     check_clip(clip, clip_mode)
     with torch.no_grad():
-        target, behavior = target_logp.detach(), behavior_logp.detach()
-        raw = diagnostic_log_weights(target, behavior, episode_start, level=level)
+        step_log = log_ratio(target_logp.detach(), behavior_logp)  # computed once, used below
+        raw = _log_weights_at(step_log, episode_start, level)
         used, capped = raw, raw
         if clip is not None:
             log_c = math.log(clip)
-            step_log = log_ratio(target, behavior)
             if clip_mode == "step":
                 capped = step_log
                 clipped_step = step_log.clamp_max(log_c)
                 if level == "episode":
                     used = episode_sum(clipped_step, episode_start)
                 elif level == "cumulative":
-                    used = cumulative_log_weight(target, behavior, episode_start, clip=clip)
+                    used = cumulative_from_log_ratio(step_log, episode_start, clip=clip)
                 else:
                     used = clipped_step
             else:
@@ -182,5 +193,6 @@ def weight_diagnostics(
             "weights/q99": q99,
             "weights/psis_khat": psis_khat(raw),
             "weights/fraction_clipped": fraction_clipped(capped, clip),
-            "policy/kl_to_behavior": kl_to_behavior(target, behavior),
+            "policy/kl_to_behavior": float(
+                _kl_of_capped(step_log.clamp_max(MAX_LOG_WEIGHT)).to(target_logp.dtype)),
         }

@@ -32,22 +32,27 @@ every finite log-ratio a policy produces passes unchanged (|log ρ| < 1e4)."""
 MAX_LOG_RATIO = LOG_RATIO_BOUND  # the former name
 
 
-def log_ratio(target_logp: Tensor, behavior_logp: Tensor) -> Tensor:
+def log_ratio(
+    target_logp: Tensor, behavior_logp: Tensor, *, upper: float = LOG_RATIO_BOUND
+) -> Tensor:
     r"""Per-step log importance ratio log ρ_t = log π_θ(a_t|s_t) − log π_β(a_t|s_t), float64.
 
     `behavior_logp` (the logging policy π_β) is detached: no gradient ever reaches it.
-    The result is clamped to ±`LOG_RATIO_BOUND` so that ±inf log-probabilities stay finite.
+    The result is clamped to [−`LOG_RATIO_BOUND`, `upper`] so that ±inf log-probabilities stay
+    finite; `upper` = `MAX_LOG_WEIGHT` gives min(log ρ_t, 80), the capped log-ratio, in one
+    clamp (the same values and gradient as clamping twice).
 
     Args:
         target_logp: log π_θ(a_t|s_t) of the policy being trained, [M], differentiable.
         behavior_logp: log π_β(a_t|s_t) of the logging policy, [M].
+        upper: the upper clamp, at most `LOG_RATIO_BOUND`.
 
     Returns:
         [M] float64 tensor.
     """
     check_flat(target_logp=target_logp, behavior_logp=behavior_logp)
     diff = target_logp.double() - behavior_logp.detach().double()
-    return diff.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    return diff.clamp(-LOG_RATIO_BOUND, min(upper, LOG_RATIO_BOUND))
 
 
 def clip_log_ratio(log_rho: Tensor, clip: float | None) -> Tensor:
