@@ -20,6 +20,7 @@ import dataclasses
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +28,13 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
 
 from offpg_offline import distributed, estimators
 from offpg_offline.config import Init, TrainConfig, as_params
 from offpg_offline.data.spaces import space_from_json
 from offpg_offline.data.split import validation_digest, write_validation_record
-from offpg_offline.data.stream import LogView, episode_rows
+from offpg_offline.data.stream import LogView
 from offpg_offline.policies import Policy, behavior_clone, make_policy
 from offpg_offline.training.batches import stream, unit_is_step
 from offpg_offline.training.checkpoints import (
@@ -360,6 +362,13 @@ def surrogate(
     The KL penalty is a mean over rows; `kl_weight` rescales it on one rank of N so that the
     ranks' mean is the global batch's (see `distributed.row_weight`)."""
     target_logp = policy.log_prob(view.obs, view.action)
+    return loss_of(target_logp, view, config, kl_weight=kl_weight), target_logp
+
+
+def loss_of(
+    target_logp: Tensor, view: LogView, config: TrainConfig, *, kl_weight: float = 1.0
+) -> Tensor:
+    """`surrogate`'s loss from log π_θ(a_t|s_t) of the rows of `view`."""
     spec = estimators.ESTIMATORS[config.estimator.value]
     per_step = spec.unit == "step"
     loss = spec.fn(
@@ -376,7 +385,7 @@ def surrogate(
     if config.kl_coef > 0:
         kl = estimators.kl_penalty(target_logp, view.behavior_logp)
         loss = loss + config.kl_coef * kl_weight * kl
-    return loss, target_logp
+    return loss
 
 
 def surrogate_options(config: TrainConfig) -> estimators.SurrogateOptions:
@@ -399,23 +408,73 @@ def episode_gradient_variance(
     policy: Policy, view: LogView, config: TrainConfig, max_units: int = 8
 ) -> float:
     """tr Cov of per-unit gradient contributions (episodes, or steps for a step estimator), on
-    ≤ 8 of them. A diagnostic, not a hot path: one backward pass per unit."""
+    the first ≤ 8 units of `view`: Σ_j Var̂_u(∂L_u/∂θ_j), where L_u is the trainer's loss
+    (`surrogate`, KL included) on unit u alone and Var̂ the unbiased (n − 1) variance, summed
+    in float64. A diagnostic: steps, all of one row, get their n gradients from one vmapped
+    pass (`torch.func`); episodes, of unequal lengths, one backward pass each."""
     as_steps = unit_is_step(config)
-    units = view.n_rows if as_steps else view.n_episodes
-    grads = []
-    for unit in range(min(units, max_units)):
-        index = torch.tensor([unit])
-        rows = index if as_steps else episode_rows(view.episode_start, index)
-        loss, _ = surrogate(policy, view.rows(rows, as_steps=as_steps), config)
-        policy.zero_grad()
-        loss.backward()
-        grads.append(
-            torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
-        )
-    policy.zero_grad()
-    if len(grads) < 2:
+    units = min(view.n_rows if as_steps else view.n_episodes, max_units)
+    if units < 2:
         return 0.0
-    return float(torch.stack(grads).var(dim=0).sum())
+    params = {name: p for name, p in policy.named_parameters() if p.requires_grad}
+    if as_steps:
+        grads = _step_gradients(policy, view.rows(torch.arange(units), as_steps=True), params,
+                                config)
+    else:
+        grads = torch.stack([
+            _flat_gradient(policy, view.episodes(torch.tensor([unit])), params, config)
+            for unit in range(units)
+        ])
+    centred = grads.double() - grads.double().mean(dim=0)
+    return float(centred.square().sum() / (units - 1))
+
+
+def _flat_gradient(
+    policy: Policy, view: LogView, params: Mapping[str, Tensor], config: TrainConfig
+) -> Tensor:
+    """∂L/∂θ of the loss on `view`, flattened in `params` order (parameters it does not use:
+    zeros)."""
+    loss, _ = surrogate(policy, view, config)
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    return torch.cat([
+        (torch.zeros_like(p) if g is None else g).flatten()
+        for p, g in zip(params.values(), grads, strict=True)
+    ])
+
+
+class _LogProb(nn.Module):
+    """`policy.log_prob` as a module's forward, for `torch.func.functional_call`."""
+
+    def __init__(self, policy: Policy) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, obs: Tensor, action: Tensor) -> Tensor:
+        return self.policy.log_prob(obs, action)
+
+
+def _step_gradients(
+    policy: Policy, rows: LogView, params: Mapping[str, Tensor], config: TrainConfig
+) -> Tensor:
+    """[n, P] gradients of the loss on each one-row unit of `rows` (every row its own
+    episode): `torch.func.vmap(grad(·))` over the rows, the loss being `surrogate`'s."""
+    module = _LogProb(policy)
+    detached = {f"policy.{name}": p.detach() for name, p in params.items()}
+
+    def unit_loss(weights: dict[str, Tensor], obs: Tensor, action: Tensor, behavior: Tensor,
+                  reward: Tensor, baseline: Tensor | None) -> Tensor:
+        one = LogView(obs[None], action[None], behavior[None], reward[None], rows.step[:1],
+                      rows.episode_start[:1], None if baseline is None else baseline[None])
+        target_logp = functional_call(module, weights, (one.obs, one.action), strict=False)
+        return loss_of(target_logp, one, config)
+
+    in_dims = (None, 0, 0, 0, 0, None if rows.baseline is None else 0)
+    with warnings.catch_warnings():  # ops without a batching rule (log_ndtr) loop inside: fine
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        per_row = vmap(grad(unit_loss), in_dims=in_dims)(
+            detached, rows.obs, rows.action, rows.behavior_logp, rows.reward, rows.baseline
+        )
+    return torch.cat([per_row[name].flatten(1) for name in detached], dim=1)
 
 
 if __name__ == "__main__":  # torchrun --nproc_per_node=N -m offpg_offline.train DATASET [options]
