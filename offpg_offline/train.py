@@ -17,6 +17,7 @@ selection, monitoring) and `distributed`. It never imports mlflow: a `Tracker` i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import shutil
 import time
@@ -378,7 +379,7 @@ def loss_of(
         view.step,
         view.episode_start,
         gamma=1.0 if per_step else config.gamma,
-        options=surrogate_options(config),
+        options=_options_of(config),
         baseline=view.baseline,
         returns=view.reward if per_step else None,
     )
@@ -402,6 +403,12 @@ def surrogate_options(config: TrainConfig) -> estimators.SurrogateOptions:
     estimators.ESTIMATORS[config.estimator.value].check(config.estimator.value, options)
     check_discount_weighting(config)
     return options
+
+
+@functools.lru_cache(maxsize=16)
+def _options_of(config: TrainConfig) -> estimators.SurrogateOptions:
+    """`surrogate_options(config)`, built once per config (the trainer asks on every step)."""
+    return surrogate_options(config)
 
 
 def episode_gradient_variance(
