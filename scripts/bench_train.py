@@ -9,8 +9,14 @@ noise swamp the loop on a loaded machine.) The baseline is a bare loop: the same
 the same batch of steps, Adam, and the clipped per-step surrogate written inline. One torch
 thread.
 
+Both loops are timed in this process's CPU seconds (`time.process_time`) by default: with one
+thread that is the loop's own work, while wall-clock time on a shared machine also counts the
+time other processes hold the core (on 2 cores under load 3 it moved the ratio by ±0.1 from run
+to run); `--wall` times wall-clock seconds instead (equal on a quiet machine). Repeats alternate
+bare and trainer runs and keep the best of each.
+
     OMP_NUM_THREADS=1 python scripts/bench_train.py [--dataset datasets/cartpole-eps] [--steps 200]
-        [--repeats 5]
+        [--repeats 5] [--wall]
 
 Goal: ratio (ours / bare) ≥ 0.8 (issue 7).
 """
@@ -22,7 +28,7 @@ import dataclasses
 import math
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -38,7 +44,10 @@ from offpg_offline.train import NullTracker, train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bare_loop(dataset: Path, config: TrainConfig, steps: int) -> float:
+Clock = Callable[[], float]
+
+
+def bare_loop(dataset: Path, config: TrainConfig, steps: int, clock: Clock) -> float:
     """Seconds per step of a minimal per-step PG loop with the same network and batch."""
     card = read_card(dataset)
     batch = load_steps(dataset)
@@ -54,7 +63,7 @@ def bare_loop(dataset: Path, config: TrainConfig, steps: int) -> float:
     behavior_logp = batch.logged_logp
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(0)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(steps):
         rows = torch.randint(0, batch.n_steps, (config.batch_steps,), generator=generator)
         ratio = (policy.log_prob(batch.obs[rows], batch.action[rows]) - behavior_logp[rows]).exp()
@@ -62,29 +71,30 @@ def bare_loop(dataset: Path, config: TrainConfig, steps: int) -> float:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return (time.perf_counter() - start) / steps
+    return (clock() - start) / steps
 
 
 class _StepClock(NullTracker):
     """Notes when each step's first metrics arrive: the loop's own clock, without loading,
     behavior cloning, the baseline fit, checkpoints or the final online evaluation."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
         self.times: dict[int, float] = {}
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
-        self.times.setdefault(step, time.perf_counter())
+        self.times.setdefault(step, self.clock())
 
 
-def trainer_step(dataset: Path, config: TrainConfig, steps: int) -> float:
+def trainer_step(dataset: Path, config: TrainConfig, steps: int, clock: Clock) -> float:
     """Seconds per step of the trainer's loop, from the step-`log_every` metrics to the last
     step's (diagnostics every `log_every` steps included)."""
-    clock = _StepClock()
+    step_clock = _StepClock(clock)
     with tempfile.TemporaryDirectory() as scratch:
-        train(dataset, dataclasses.replace(config, steps=steps), tracker=clock,
+        train(dataset, dataclasses.replace(config, steps=steps), tracker=step_clock,
               out_dir=Path(scratch))
     first = config.log_every
-    return (clock.times[steps] - clock.times[first]) / (steps - first)
+    return (step_clock.times[steps] - step_clock.times[first]) / (steps - first)
 
 
 def main() -> None:
@@ -92,19 +102,21 @@ def main() -> None:
     parser.add_argument("--dataset", type=Path, default=ROOT / "datasets" / "cartpole-eps")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--wall", action="store_true", help="time wall-clock seconds instead")
     args = parser.parse_args()
+    clock = time.perf_counter if args.wall else time.process_time
     torch.set_num_threads(1)
     config = TrainConfig(eval_episodes=2, threads=1)
-    # Interleaved repeats (bare, ours, bare, ours, ...), best of each: other processes on a
-    # shared machine only add time, and a burst of their load then hits both loops alike
-    # (all bare runs first, then all ours, let one burst land on one side only).
+    # Interleaved repeats (bare, ours, bare, ours, ...), best of each: other processes only
+    # add time, and a burst of their load then hits both loops alike (all bare runs first,
+    # then all ours, let one burst land on one side only).
     bare, ours = math.inf, math.inf
     for _ in range(args.repeats):
-        bare = min(bare, bare_loop(args.dataset, config, args.steps))
-        ours = min(ours, trainer_step(args.dataset, config, args.steps))
+        bare = min(bare, bare_loop(args.dataset, config, args.steps, clock))
+        ours = min(ours, trainer_step(args.dataset, config, args.steps, clock))
     print(
         f"dataset {args.dataset.name}, batch {config.batch_steps} steps, network {config.hidden}, "
-        f"1 thread"
+        f"1 thread, {'wall-clock' if args.wall else 'CPU'} time"
     )
     print(
         f"bare torch loop : {config.batch_steps / bare:10.0f} transitions/s "
