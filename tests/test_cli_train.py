@@ -295,3 +295,24 @@ def test_training_logs_the_discounted_online_return_with_the_runs_gamma(workdir:
         # float32/float64 sum of ≤ 500 terms ≤ 10 in magnitude: 1e-9 relative is ample
         assert metrics[f"online/{kind}discounted_return_mean"] == pytest.approx(expected, rel=1e-9)
         assert metrics[f"online/{kind}discounted_return_std"] == 0.0
+
+
+def test_the_summary_says_to_deploy_the_greedy_policy_and_quotes_this_runs_returns(
+    workdir: Path,
+) -> None:
+    """Issue 15: the run summary names the form to deploy (greedy: at least the stochastic
+    policy's return on every shipped log in scripts/bench_quality.py) and quotes the two
+    online returns the run recorded, so a user sees when this run is the exception."""
+    from mlflow import MlflowClient
+
+    result = CliRunner().invoke(app, ["train", str(DATASETS / "cartpole-weak"), *FAST])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("cartpole-weak").experiment_id])
+    greedy = run.data.metrics["online/greedy_return_mean"]
+    stochastic = run.data.metrics["online/return_mean"]
+    (line,) = [ln for ln in result.output.splitlines() if ln.startswith("deploy:")]
+    assert "the greedy policy (policy.mode(obs)" in line
+    assert f"here {greedy:.4g} greedy vs {stochastic:.4g} stochastic" in line
+    verdict = "greedy higher" if greedy >= stochastic else "stochastic higher in this run"
+    assert line.endswith(f"{verdict})")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -340,12 +340,28 @@ def run_summary(run_id: str, run: RunConfig, result: Any) -> str:
     from offpg_offline import tracking
 
     summary = [f"run {run_id} ({run_name(run.train)})"]
-    for key in ("bc/return_mean", "online/return_mean", "online/greedy_return_mean",
-                "ope/pdis_validation", "weights/ess_fraction"):
+    for key in ("bc/return_mean", "bc/greedy_return_mean", "online/return_mean",
+                "online/greedy_return_mean", "ope/pdis_validation", "weights/ess_fraction"):
         if key in result.metrics:
             summary.append(f"{key} {result.metrics[key]:.4g}")
     if getattr(result, "online_skipped", None):
         summary.append(f"online evaluation skipped: {result.online_skipped}")
     uri = tracking.resolve_uri(run.tracking)
     return "\n".join(["; ".join(summary), f"checkpoint: {result.checkpoint}",
+                      deploy_advice(result.metrics),
                       f"view: offpg ui  (or: mlflow ui --backend-store-uri {uri})"])
+
+
+def deploy_advice(metrics: Mapping[str, float]) -> str:
+    """Which of the trained policy's two forms to deploy: the greedy one (`policy.mode`). On
+    every shipped log its mean return was at least the stochastic policy's
+    (scripts/bench_quality.py): the KL penalty keeps π_θ's spread near the logger's, so samples
+    carry the logger's noise. This run's own online returns are quoted when it has them."""
+    advice = ("deploy: the greedy policy (policy.mode(obs), `offpg evaluate --online N` reports "
+              "it as greedy); its spread stays near the logger's (KL penalty), so sampling adds "
+              "the logger's noise")
+    greedy, stochastic = (metrics.get(f"online/{k}return_mean") for k in ("greedy_", ""))
+    if greedy is None or stochastic is None:
+        return advice
+    here = "greedy higher" if greedy >= stochastic else "stochastic higher in this run"
+    return f"{advice} (here {greedy:.4g} greedy vs {stochastic:.4g} stochastic: {here})"
