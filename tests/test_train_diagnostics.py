@@ -3,8 +3,8 @@
 * `train.episode_gradient_variance` (a vmapped per-row gradient for step estimators, one
   `autograd.grad` per episode otherwise) equals its definition: one backward pass of the
   trainer's loss per unit, then the unbiased variance over units summed over parameters.
-* `batches.surrogate_columns` (float64 constant columns, converted once per batch source)
-  changes no bit of any estimator's loss or gradient: the surrogates compute in float64 anyway.
+* Constant columns handed over in float64 (used as they are, not copied) change no bit of any
+  estimator's loss or gradient: the surrogates compute in float64 anyway.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from offpg_offline import train
 from offpg_offline.config import Baseline, ClipMode, EstimatorName, TrainConfig
 from offpg_offline.data.stream import LogView
 from offpg_offline.policies import Policy, make_policy
-from offpg_offline.training.batches import surrogate_columns, unit_is_step
+from offpg_offline.training.batches import unit_is_step
 
 ACTION_SPACES = {
     "categorical": spaces.Discrete(3),
@@ -106,20 +106,8 @@ def test_float64_columns_change_no_bit(estimator: str) -> None:
     config = TrainConfig(estimator=EstimatorName(estimator), gamma=0.97)
     if unit_is_step(config):
         view = view.rows(torch.arange(view.n_rows), as_steps=True)
-    wide = surrogate_columns(view)
-    assert {wide.behavior_logp.dtype, wide.reward.dtype, wide.baseline.dtype} == {torch.float64}
-    assert torch.equal(wide.reward.float(), view.reward)  # the same values, wider
+    wide = dataclasses.replace(view, behavior_logp=view.behavior_logp.double(),
+                               reward=view.reward.double(), baseline=view.baseline.double())
     for plain, converted in zip(_loss_and_grads(policy, view, config),
                                 _loss_and_grads(policy, wide, config), strict=True):
         assert torch.equal(plain, converted)
-
-
-def test_in_memory_batches_carry_float64_columns() -> None:
-    from offpg_offline import distributed
-    from offpg_offline.training.batches import InMemoryBatches
-
-    _, view = _setup("categorical")
-    config = dataclasses.replace(TrainConfig(), batch_steps=16)
-    batch = next(InMemoryBatches(view, config).batches(distributed.setup("cpu"), 0))
-    assert batch.behavior_logp.dtype == batch.reward.dtype == batch.baseline.dtype == torch.float64
-    assert batch.obs.dtype == torch.float32  # the policy's input is untouched

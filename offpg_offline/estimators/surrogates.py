@@ -163,8 +163,7 @@ def _prepare(
 
 
 def _float64(column: Tensor) -> Tensor:
-    """A constant column in float64: itself when it already is (the trainer's batches hold
-    float64 columns, `training.batches.surrogate_columns`), else one exact copy."""
+    """A constant column in float64: itself when it already is, else one exact copy."""
     if column.dtype == torch.float64 and not column.requires_grad:
         return column
     return column.detach().to(torch.float64)

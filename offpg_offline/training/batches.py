@@ -98,19 +98,6 @@ def training_view(
     return with_baseline(returns_if_steps(view, config, value_of), baseline_of)
 
 
-def surrogate_columns(view: LogView) -> LogView:
-    """`view` with its constant columns (log π_β, reward or G_t, baseline) in float64, the
-    precision the surrogates and the KL penalty compute in: the same values, converted once per
-    batch source instead of on every step (the surrogates' float64 casts are then no-ops)."""
-    baseline = None if view.baseline is None else view.baseline.to(torch.float64)
-    return dataclasses.replace(
-        view,
-        behavior_logp=view.behavior_logp.to(torch.float64),
-        reward=view.reward.to(torch.float64),
-        baseline=baseline,
-    )
-
-
 def make_batches(view: LogView, config: TrainConfig, start_step: int = 0) -> Iterator[LogView]:
     """Endless seeded global batches: whole episodes, or steps for a step estimator.
 
@@ -159,7 +146,7 @@ class InMemoryBatches:
     config: TrainConfig
 
     def batches(self, context: distributed.Context, start_step: int) -> Iterator[LogView]:
-        view = surrogate_columns(self.view.to(context.device))
+        view = self.view.to(context.device)
         return (
             rank_share(batch, self.config, context)
             for batch in make_batches(view, self.config, start_step)
@@ -197,7 +184,7 @@ class StreamedBatches:
         def one_pass(epoch: int) -> Iterator[LogView]:
             order = torch.randperm(len(source.shards), generator=generator).tolist()
             return (
-                surrogate_columns(training_view(chunk, config, self.baseline_of, self.value_of))
+                training_view(chunk, config, self.baseline_of, self.value_of)
                 for chunk in source.chunks(keep, order)
             )
 
