@@ -1,14 +1,18 @@
-"""Policy quality of every estimator on the shipped logs: online return vs behavior and BC.
+"""Policy quality of the default and its alternatives on every shipped log: online return.
 
-For each dataset, each configuration (the default, and each estimator with the options that
-worked best for it) is trained with several seeds; the resulting policy is evaluated online
-over 20 seeded episodes (stochastic and greedy). The behavior policy's return comes from the
-log; behavior cloning's from the BC start of the same runs (`bc/return_mean`).
+For each dataset and configuration (the default `TrainConfig()`, the default before issue 15,
+and the alternatives that tell most about the choice) each seed trains a policy that is
+evaluated online over 20 seeded episodes, greedy (the mode: what `offpg train` says to deploy)
+and stochastic. The behavior policy's return comes from the card; behavior cloning's from the
+BC start of the default's runs (`bc/*`). `cartpole-eps-noprop` has no propensities: each seed
+first fits π_β (`offpg behavior fit` with its defaults and that seed) and trains on the
+estimated column, as a user would.
 
-    python scripts/bench_quality.py        # the README table (~25 min on 2 idle cores)
+    python scripts/bench_quality.py        # the README table (~35 min on one idle core)
     python scripts/bench_quality.py --datasets cartpole-weak --seeds 0 --configs default
 
-Prints a Markdown table and writes it with the raw numbers to --out (JSON).
+Prints one line per (dataset, configuration) as it goes and a Markdown table at the end, and
+writes both with the raw numbers to --out (JSON).
 """
 
 from __future__ import annotations
@@ -22,31 +26,50 @@ import time
 from pathlib import Path
 from typing import Any
 
-from offpg_offline.config import TrainConfig, build
+import torch
+
+from offpg_offline.config import FitConfig, TrainConfig, build
 from offpg_offline.data.store import read_card
 from offpg_offline.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
+DATASETS = (
+    "cartpole-eps", "cartpole-eps-noprop", "cartpole-weak", "lander-eps", "pendulum-gauss",
+    "lander-clipped", "mountaincar-gauss",
+)
 
 # Option sets: "default" is TrainConfig() itself (per-step, ρ capped at 2, value baseline,
-# KL weight 2, BC start); the others override it.
+# KL weight 2, 5000 BC steps, lr 5e-4, 1000 steps); the others override it.
 CONFIGS: dict[str, dict[str, Any]] = {
     "default": {},
-    "default without KL": {"kl_coef": 0.0},
-    "per-step ppo0.2 no-KL": {"clip": None, "ppo_epsilon": 0.2, "kl_coef": 0.0},
-    "per-decision": {"estimator": "per-decision"},
-    "past-weight": {"estimator": "past-weight"},
-    "trajectory clip10-cum sn": {"estimator": "trajectory", "clip": 10.0,
-                                 "clip_mode": "cumulative", "self_normalize": True},
+    "default before issue 15 (bc 300, lr 1e-3)": {"bc_steps": 300, "lr": 1e-3},
+    "default with lr 1e-3": {"lr": 1e-3},
+    "critic λ=0.95": {"estimator": "critic", "critic_lambda": 0.95},
 }
 
 
-def run_one(dataset: Path, name: str, seed: int, episodes: int, scratch: Path) -> dict[str, float]:
-    overrides = {**CONFIGS[name], "seed": seed, "eval_episodes": episodes}
+def dataset_for(name: str, seed: int, scratch: Path) -> tuple[Path, dict[str, Any]]:
+    """The folder to train on and the propensity override: a log without propensities gets
+    π_β fitted first (once per seed, shared by the configurations)."""
+    dataset = ROOT / "datasets" / name
+    if read_card(dataset)["propensity"].get("logged_logp") is not None:
+        return dataset, {}
+    fitted = scratch / f"{name}-fitted-{seed}"
+    if not fitted.exists():
+        from offpg_offline.behavior.fit import fit_behavior
+
+        fit_behavior(dataset, out=fitted, config=FitConfig(seed=seed))
+    return fitted, {"propensity": "estimated"}
+
+
+def run_one(name: str, config_name: str, seed: int, episodes: int, scratch: Path
+            ) -> dict[str, float]:
+    dataset, propensity = dataset_for(name, seed, scratch)
+    overrides = {**CONFIGS[config_name], **propensity, "seed": seed, "eval_episodes": episodes}
     base = dataclasses.asdict(TrainConfig())
     config = build(TrainConfig, "train", {**base, **overrides})
-    result = train(dataset, config, out_dir=scratch / f"{dataset.name}-{name}-{seed}")
-    return result.metrics
+    out_dir = scratch / f"{name}-config{list(CONFIGS).index(config_name)}-seed{seed}"
+    return train(dataset, config, out_dir=out_dir).metrics
 
 
 def mean_std(values: list[float]) -> str:
@@ -58,25 +81,26 @@ def mean_std(values: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", default="cartpole-eps,cartpole-weak,pendulum-gauss")
+    parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("bench_quality.json"))
     args = parser.parse_args()
+    torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     names = args.configs.split(",")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as scratch:
         for dataset_name in args.datasets.split(","):
-            dataset = ROOT / "datasets" / dataset_name
-            card = read_card(dataset)
+            card = read_card(ROOT / "datasets" / dataset_name)
             bc: list[float] = []
             bc_greedy: list[float] = []
             for name in names:
                 start = time.perf_counter()
                 runs = [
-                    run_one(dataset, name, seed, args.episodes, Path(scratch)) for seed in seeds
+                    run_one(dataset_name, name, seed, args.episodes, Path(scratch))
+                    for seed in seeds
                 ]
                 if name == "default":  # every BC start of a seed is the same policy
                     bc += [m["bc/return_mean"] for m in runs]
@@ -91,7 +115,7 @@ def main() -> None:
                 }
                 rows.append(row)
                 print(
-                    f"{dataset_name:15s} {name:30s} stochastic {mean_std(row['stochastic']):>16s}"
+                    f"{dataset_name:19s} {name:42s} stochastic {mean_std(row['stochastic']):>16s}"
                     f"  greedy {mean_std(row['greedy']):>16s}"
                     f"  ({row['seconds_per_run']:.0f} s/run)",
                     flush=True,
@@ -113,27 +137,36 @@ def main() -> None:
                     "greedy": bc_greedy,
                 }
             )
+            write(args.out, seeds, args.episodes, rows, final=False)
 
+    write(args.out, seeds, args.episodes, rows, final=True)
+
+
+def table_of(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| dataset | configuration | return (stochastic) | return (greedy) |",
+        "| dataset | configuration | return, greedy (deployed) | return, stochastic |",
         "|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['dataset']} | {row['config']} | {mean_std(row['stochastic'])} | "
-            f"{mean_std(row['greedy'])} |"
+            f"| {row['dataset']} | {row['config']} | {mean_std(row['greedy'])} | "
+            f"{mean_std(row['stochastic'])} |"
         )
-    table = "\n".join(lines)
-    print()
-    print(
-        f"mean ± std over seeds {seeds}; each value the mean over {args.episodes} seeded episodes"
-    )
-    print(table)
-    args.out.write_text(
-        json.dumps(
-            {"seeds": seeds, "episodes": args.episodes, "rows": rows, "table": table}, indent=2
-        )
-    )
+    return "\n".join(lines)
+
+
+def write(out: Path, seeds: list[int], episodes: int, rows: list[dict[str, Any]], *,
+          final: bool) -> None:
+    """The JSON (after every dataset, so an interrupted run keeps what it measured)."""
+    table = table_of(rows)
+    if final:
+        print()
+        print(f"mean ± std over seeds {seeds}; each value the mean over {episodes} seeded "
+              f"episodes")
+        print(table)
+    default = {k: str(v) for k, v in dataclasses.asdict(TrainConfig()).items()}
+    out.write_text(json.dumps({"seeds": seeds, "episodes": episodes, "default": default,
+                               "configs": CONFIGS, "rows": rows, "table": table}, indent=2))
 
 
 if __name__ == "__main__":
