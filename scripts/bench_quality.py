@@ -42,7 +42,7 @@ DATASETS = (
 # KL weight 2, 5000 BC steps, lr 5e-4, 1000 steps); the others override it.
 CONFIGS: dict[str, dict[str, Any]] = {
     "default": {},
-    "default before issue 15 (bc 300, lr 1e-3)": {"bc_steps": 300, "lr": 1e-3},
+    "pre-issue-15 default (bc 300; lr 1e-3)": {"bc_steps": 300, "lr": 1e-3},
     "default with lr 1e-3": {"lr": 1e-3},
     "critic λ=0.95": {"estimator": "critic", "critic_lambda": 0.95},
 }
