@@ -39,11 +39,11 @@ DATASETS = (
 )
 
 # Option sets: "default" is TrainConfig() itself (per-step, ρ capped at 2, value baseline,
-# KL weight 2, 5000 BC steps, lr 5e-4, 1000 steps); the others override it.
+# KL weight 2, 5000 BC steps, lr 1e-3, 1000 steps); the others override it.
 CONFIGS: dict[str, dict[str, Any]] = {
     "default": {},
     "pre-issue-15 default (bc 300; lr 1e-3)": {"bc_steps": 300, "lr": 1e-3},
-    "default with lr 1e-3": {"lr": 1e-3},
+    "default with lr 5e-4": {"lr": 5e-4},
     "critic λ=0.95": {"estimator": "critic", "critic_lambda": 0.95},
 }
 
