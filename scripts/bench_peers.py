@@ -3,6 +3,7 @@
     python scripts/bench_peers.py                    # everything (peers cached, ours re-run)
     python scripts/bench_peers.py --only ours        # re-run only our default, reuse the peers
     python scripts/bench_peers.py --only peers --datasets pendulum-gauss --algos IQL --seeds 0
+    python scripts/bench_peers.py --only table       # print the tables of the cached cells
 
 Peers: d3rlpy's BC and DiscreteCQL on the discrete logs, BC, IQL and TD3+BC on the continuous
 ones, each with d3rlpy's default hyperparameters (continuous algorithms get a MinMaxActionScaler
@@ -15,13 +16,15 @@ behavior policy. `lander-clipped` stores the raw unclipped Gaussian samples; d3r
 executed action clip(a, -1, 1), as a d3rlpy user would have logged it.
 
 Gradient steps (`--steps 12000,6000`: discrete, continuous): the IQL / TD3+BC papers train 1M
-steps on D4RL, but here one core does ~65 (IQL), ~95 (TD3+BC), ~200 (BC) and ~280 (DiscreteCQL)
-steps/s, so 45 cells at 1M steps would take weeks. d3rlpy's own CartPole quickstart trains
+steps on D4RL, but one core here does ~56 (IQL), ~81 (TD3+BC), ~230-280 (BC, DiscreteCQL)
+steps/s, so 45 cells at 1M steps would take days. d3rlpy's own CartPole quickstart trains
 DiscreteCQL with its defaults for 10000 steps; 12000 discrete steps cover that (and one sync of
-DiscreteCQL's target network, every 8000 steps by default), and 6000 continuous steps keep the
-whole benchmark (peers and ours) near an hour on one core. Each peer is also evaluated (greedy)
-at 1/3 and 2/3 of its steps; the second table says whether its return was still rising, flat or
-falling over the last third.
+DiscreteCQL's target network, every 8000 steps by default); 6000 continuous steps keep the whole
+benchmark at ~57 min on one core (measured: peers 53 min, ours 5 min). Each peer is also
+evaluated (greedy) at 1/3 and 2/3 of its steps; the second table says whether its return was
+still rising, flat or falling over the last third. IQL and TD3+BC (and BC / DiscreteCQL on
+lander-eps) are still rising at these counts: check a peer longer with e.g. `--only peers
+--datasets pendulum-gauss --algos IQL --seeds 0 --steps 24000 --checkpoints 6 --out long.json`.
 
 Ours: `TrainConfig()` as it is when this runs (through `config.build`, with `seed` and
 `eval_episodes` set), trained by `offpg_offline.train.train`; its `online/greedy_return_mean`
@@ -275,8 +278,8 @@ def compare(ours: list[float], best: tuple[str, float] | None) -> tuple[str, str
         return "—", "—"
     mine, (algo, theirs) = statistics.mean(ours), best
     ratio = f"{mine / theirs:.2f}" if mine > 0 and theirs > 0 else "— (returns ≤ 0)"
-    winner = "ours" if mine > theirs else (algo if mine < theirs else "tie")
-    return ratio, f"{mine - theirs:+.1f} ({winner} better)"
+    winner = "ours better" if mine > theirs else (f"{algo} better" if mine < theirs else "tie")
+    return ratio, f"{mine - theirs:+.1f} ({winner})"
 
 
 def results_table(data: dict[str, Any], names: list[str], seeds: list[int]) -> str:
@@ -329,7 +332,10 @@ def plateau_table(data: dict[str, Any], names: list[str], seeds: list[int]) -> s
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["all", "peers", "ours"], default="all")
+    parser.add_argument(
+        "--only", choices=["all", "peers", "ours", "table"], default="all",
+        help="which cells to compute (table: none, print the tables of the cached cells)",
+    )
     parser.add_argument("--datasets", default=",".join(LOGS))
     parser.add_argument("--algos", default=",".join(ALL_PEERS), help="peers to run")
     parser.add_argument("--seeds", default="0,1,2")

@@ -83,6 +83,7 @@ def test_compare_prints_a_ratio_only_for_positive_returns() -> None:
     ratio, diff = bench.compare([-200.0], ("IQL", -172.0))
     assert ratio.startswith("—") and diff == "-28.0 (IQL better)"
     assert bench.compare([], ("BC", 1.0)) == ("—", "—")
+    assert bench.compare([500.0], ("BC", 500.0)) == ("1.00", "+0.0 (tie)")
 
 
 def test_results_table_reuses_eps_cells_for_noprop_and_marks_deterministic_peers() -> None:
