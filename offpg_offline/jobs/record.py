@@ -353,10 +353,12 @@ def run_summary(run_id: str, run: RunConfig, result: Any) -> str:
 
 
 def deploy_advice(metrics: Mapping[str, float]) -> str:
-    """Which of the trained policy's two forms to deploy: the greedy one (`policy.mode`). On
-    every shipped log its mean return was at least the stochastic policy's
-    (scripts/bench_quality.py): the KL penalty keeps π_θ's spread near the logger's, so samples
-    carry the logger's noise. This run's own online returns are quoted when it has them."""
+    """Which of the trained policy's two forms to deploy: the greedy one (`policy.mode`). In
+    scripts/bench_quality.py (default, 3 seeds) its mean return was at least the stochastic
+    policy's on six of the seven shipped logs — far above it on the LunarLander logs (145 vs 96,
+    270 vs 142) — and within seed noise below it on mountaincar-gauss (54 ± 33 vs 59 ± 8): the
+    KL penalty keeps π_θ's spread near the logger's, so samples carry the logger's noise. This
+    run's own online returns are quoted when it has them."""
     advice = ("deploy: the greedy policy (policy.mode(obs), `offpg evaluate --online N` reports "
               "it as greedy); its spread stays near the logger's (KL penalty), so sampling adds "
               "the logger's noise")
