@@ -20,11 +20,12 @@ steps on D4RL, but one core here does ~56 (IQL), ~81 (TD3+BC), ~230-280 (BC, Dis
 steps/s, so 45 cells at 1M steps would take days. d3rlpy's own CartPole quickstart trains
 DiscreteCQL with its defaults for 10000 steps; 12000 discrete steps cover that (and one sync of
 DiscreteCQL's target network, every 8000 steps by default); 6000 continuous steps keep the whole
-benchmark at ~57 min on one core (measured: peers 53 min, ours 5 min). Each peer is also
+benchmark at about an hour on one core (measured: peers 53 min, ours 5-7 min). Each peer is also
 evaluated (greedy) at 1/3 and 2/3 of its steps; the second table says whether its return was
 still rising, flat or falling over the last third. IQL and TD3+BC (and BC / DiscreteCQL on
-lander-eps) are still rising at these counts: check a peer longer with e.g. `--only peers
---datasets pendulum-gauss --algos IQL --seeds 0 --steps 24000 --checkpoints 6 --out long.json`.
+lander-eps) are still rising at these counts (IQL on pendulum-gauss plateaus at ~8000 steps, 200
+above its 6000-step return): check a peer longer with e.g. `--only peers --datasets
+pendulum-gauss --algos IQL --seeds 0 --steps 24000 --checkpoints 6 --out long.json`.
 
 Ours: `TrainConfig()` as it is when this runs (through `config.build`, with `seed` and
 `eval_episodes` set), trained by `offpg_offline.train.train`; its `online/greedy_return_mean`
