@@ -8,7 +8,7 @@ BC start of the default's runs (`bc/*`). `cartpole-eps-noprop` has no propensiti
 first fits π_β (`offpg behavior fit` with its defaults and that seed) and trains on the
 estimated column, as a user would.
 
-    python scripts/bench_quality.py        # the README table (~35 min on one idle core)
+    python scripts/bench_quality.py        # the README table (~25 min on one core)
     python scripts/bench_quality.py --datasets cartpole-weak --seeds 0 --configs default
 
 Prints one line per (dataset, configuration) as it goes and a Markdown table at the end, and
