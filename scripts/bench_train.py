@@ -17,6 +17,7 @@ bare and trainer runs and keep the best of each.
 
     OMP_NUM_THREADS=1 python scripts/bench_train.py [--dataset datasets/cartpole-eps] [--steps 200]
         [--repeats 5] [--wall]
+    OMP_NUM_THREADS=1 python scripts/bench_train.py --estimator critic  # vs the same bare loop
 
 Goal: ratio (ours / bare) ≥ 0.8 (issue 7).
 """
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from offpg_offline.config import TrainConfig
+from offpg_offline.config import TrainConfig, build
 from offpg_offline.data.batch import load_steps
 from offpg_offline.data.spaces import space_from_json
 from offpg_offline.data.store import read_card
@@ -103,10 +104,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--wall", action="store_true", help="time wall-clock seconds instead")
+    parser.add_argument("--estimator", default="per-step",
+                        help="the trainer's estimator (the bare loop stays the per-step one)")
     args = parser.parse_args()
     clock = time.perf_counter if args.wall else time.process_time
     torch.set_num_threads(1)
-    config = TrainConfig(eval_episodes=2, threads=1)
+    config = build(TrainConfig, "bench_train", {
+        **dataclasses.asdict(TrainConfig()), "eval_episodes": 2, "threads": 1,
+        "estimator": args.estimator})
     # Interleaved repeats (bare, ours, bare, ours, ...), best of each: other processes only
     # add time, and a burst of their load then hits both loops alike (all bare runs first,
     # then all ours, let one burst land on one side only).
@@ -115,7 +120,8 @@ def main() -> None:
         bare = min(bare, bare_loop(args.dataset, config, args.steps, clock))
         ours = min(ours, trainer_step(args.dataset, config, args.steps, clock))
     print(
-        f"dataset {args.dataset.name}, batch {config.batch_steps} steps, network {config.hidden}, "
+        f"dataset {args.dataset.name}, estimator {config.estimator.value}, "
+        f"batch {config.batch_steps} steps, network {config.hidden}, "
         f"1 thread, {'wall-clock' if args.wall else 'CPU'} time"
     )
     print(
