@@ -80,8 +80,9 @@ def _to_env_action(space: gym.Space, action: torch.Tensor) -> Any:
 
 
 def check_fits(policy: nn.Module, env: gym.Env) -> None:
-    """Refuse an environment whose flattened observations or discrete action count differ from
-    the policy's (the log's), e.g. `--env Acrobot-v1` for a CartPole policy.
+    """Refuse an environment whose flattened observation size, discrete action count or Box
+    action size differs from the policy's (the log's), e.g. `--env Acrobot-v1` for a CartPole
+    policy.
 
     Raises:
         ValueError: one sentence naming the env and both sizes.
