@@ -164,22 +164,15 @@ def run_peer(python: Path, name: str, algo: str, seed: int, args: argparse.Names
 def run_ours(name: str, seed: int, episodes: int, scratch: Path) -> dict[str, Any]:
     """Our default configuration (TrainConfig() now) on one log and seed."""
     import torch
+    from bench_quality import dataset_for  # scripts/ is on sys.path when run as a script
 
     from offpg_offline.config import TrainConfig, build
     from offpg_offline.train import train
 
     torch.set_num_threads(1)
-    overrides: dict[str, Any] = {"seed": seed, "eval_episodes": episodes}
-    dataset, fitted = dataset_dir(name), None
     start = time.perf_counter()
-    if card_of(name)["propensity"].get("logged_logp") is None:  # noprop: fit π_β first
-        from offpg_offline.behavior.fit import fit_behavior
-        from offpg_offline.config import FitConfig
-
-        report = fit_behavior(dataset, out=scratch / f"{name}-fitted-{seed}",
-                              config=FitConfig(seed=seed))
-        dataset, overrides["propensity"] = scratch / f"{name}-fitted-{seed}", "estimated"
-        fitted = report.metrics.get("behavior/nll_heldout")
+    dataset, propensity = dataset_for(name, seed, scratch)  # noprop: π_β fitted first
+    overrides: dict[str, Any] = {**propensity, "seed": seed, "eval_episodes": episodes}
     config = build(TrainConfig, "train", {**dataclasses.asdict(TrainConfig()), **overrides})
     result = train(dataset, config, out_dir=scratch / f"{name}-{seed}")
     seconds = time.perf_counter() - start
@@ -189,7 +182,6 @@ def run_ours(name: str, seed: int, episodes: int, scratch: Path) -> dict[str, An
         "eval_seed": EVAL_SEED_OFFSET + seed, "steps": config.steps,
         "greedy_mean": metrics["online/greedy_return_mean"],
         "stochastic_mean": metrics["online/return_mean"], "seconds": seconds, "threads": 1,
-        "behavior_fit_nll_heldout": fitted,
         "config": {k: str(v) for k, v in dataclasses.asdict(config).items()},
     }
 
