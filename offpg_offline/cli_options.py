@@ -67,16 +67,18 @@ def print_error(message: str) -> None:
 
 
 def _metavar(cls: type, key: str) -> str:
-    """`INTEGER`, `FLOAT`, `SIZES`, `[a|b]` for enums and choices; `|none` when optional."""
+    """`INTEGER`, `FLOAT`, `SIZES`, `[a|b]` for enums and choices; `|none` when optional (or the
+    field's own word for None, e.g. `|auto`)."""
     base, optional, is_tuple = field_types(cls)[key]
-    choices = cls.__dataclass_fields__[key].metadata.get("choices")  # type: ignore[attr-defined]
+    metadata = cls.__dataclass_fields__[key].metadata  # type: ignore[attr-defined]
+    choices = metadata.get("choices")
     if isinstance(base, type) and issubclass(base, Enum):
         choices = tuple(str(member.value) for member in base)
     if is_tuple:
         return "SIZES" if base is int else ",".join(choices) if choices else "A,B,..."
     name = ("[" + "|".join(choices) + "]" if choices
             else {int: "INTEGER", float: "FLOAT"}.get(base, "TEXT"))
-    return name + ("|none" if optional else "")
+    return name + ("|" + metadata.get("none", "none") if optional else "")
 
 
 _NONE = object()  # what an option given as `none` parses to, until `config_options` hands it on
@@ -98,9 +100,9 @@ def _parser(cls: type, key: str) -> Callable[[str], Any]:
     return parse
 
 
-def _shown_default(value: Any) -> str:
+def _shown_default(value: Any, word: str | None = None) -> str:
     if value is None:
-        return "none"
+        return word or "none"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, tuple):
@@ -113,7 +115,7 @@ def _option(cls: type, f: dataclasses.Field[Any], panel: str | None) -> Any:
     base, optional, _ = field_types(cls)[f.name]
     flag = flag_of(cls, f.name)
     info: dict[str, Any] = {"help": f.metadata.get("help"),
-                            "show_default": _shown_default(f.default),
+                            "show_default": _shown_default(f.default, f.metadata.get("none")),
             "rich_help_panel": panel}
     if base is bool and not optional:
         return Annotated[bool | None, typer.Option(f"{flag}/--no-{flag[2:]}", **info)]

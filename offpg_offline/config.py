@@ -99,13 +99,16 @@ def option(
     lt: float | None = None,
     choices: tuple[str, ...] | None = None,
     flag: str | None = None,
+    none: str | None = None,
 ) -> Any:
     """A config field: its default, its help text and the bounds `validate` checks.
 
     The CLI option (`--name-with-dashes`, or `flag`) is generated from this field; bounds on a
-    `tuple[int, ...]` field apply to each item.
+    `tuple[int, ...]` field apply to each item. `none` names what None means for an optional
+    field (e.g. "auto"): that word is shown as its default and read as None besides `none`.
     """
-    checks = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "flag": flag}
+    checks = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "flag": flag,
+              "none": none}
     metadata = {"help": help, **{k: v for k, v in checks.items() if v is not None}}
     return field(default=default, metadata=metadata)
 
@@ -121,10 +124,11 @@ class TrainConfig:
     propensity: Propensity = option(Propensity.LOGGED, "Column giving log π_β(a|s).")
     gamma: float = option(0.99, "Discount γ in [0, 1].", ge=0.0, le=1.0)
     steps: int = option(1000, "Gradient steps.", gt=0)
-    lr: float = option(
-        1e-3, "Adam learning rate of the policy-gradient steps (scripts/bench_quality.py: "
-        "5e-4 did as well or better on the continuous logs but left cartpole-weak's greedy "
-        "policy at 496 instead of 500).", gt=0.0
+    lr: float | None = option(
+        None, "Adam learning rate of the policy-gradient steps; auto: 1e-3 for discrete "
+        "actions, 5e-4 for continuous ones (scripts/bench_quality.py: 5e-4 scored higher on "
+        "every continuous log, but left cartpole-weak's greedy policy at 496 instead of 500).",
+        gt=0.0, none="auto",
     )
     batch_episodes: int = option(
         32, "Whole episodes per batch (trajectory, per-decision, past-weight).", gt=0, lt=2**31
@@ -222,6 +226,20 @@ class TrainConfig:
                 raise ConfigError(
                     "select_by", "needs a validation split: set val_fraction > 0"
                 )
+
+
+AUTO_LR = {"discrete": 1e-3, "continuous": 5e-4}
+"""`TrainConfig.lr` when it is auto (None), by the log's action space (scripts/bench_quality.py)."""
+
+
+def resolve_auto(config: TrainConfig, *, discrete_actions: bool) -> TrainConfig:
+    """`config` with its auto fields decided by the log's action space: `lr` from `AUTO_LR`.
+
+    `train` calls it before anything is recorded, so a run's params, checkpoints and summary
+    carry the value used, never "auto"."""
+    if config.lr is not None:
+        return config
+    return dataclasses.replace(config, lr=AUTO_LR["discrete" if discrete_actions else "continuous"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,8 +457,12 @@ def validate(config: Any) -> None:
             raise ConfigError(f.name, problem, flag=flag)
 
 
-def _none_word(value: Any) -> bool:
-    return isinstance(value, str) and value.strip().lower() == "none"
+def _none_word(value: Any, cls: type, key: str) -> bool:
+    """`value` is the word for None of field `key`: `none`, or the field's own (e.g. `auto`)."""
+    if not isinstance(value, str):
+        return False
+    own = cls.__dataclass_fields__[key].metadata.get("none")  # type: ignore[attr-defined]
+    return value.strip().lower() in ("none", own)
 
 
 def coerce_value(cls: type, key: str, value: Any) -> Any:
@@ -451,7 +473,7 @@ def coerce_value(cls: type, key: str, value: Any) -> Any:
     """
     base, optional, is_tuple = field_types(cls)[key]
     flag = cls.__dataclass_fields__[key].metadata.get("flag")  # type: ignore[attr-defined]
-    if optional and (value is None or _none_word(value)):
+    if optional and (value is None or _none_word(value, cls, key)):
         return None
     if is_tuple:
         if not isinstance(value, list | tuple) or any(_type_problem(base, v) for v in value):
@@ -482,7 +504,7 @@ def parse_value(cls: type, key: str, text: str) -> Any:
     """
     base, optional, is_tuple = field_types(cls)[key]
     flag = cls.__dataclass_fields__[key].metadata.get("flag")  # type: ignore[attr-defined]
-    if optional and _none_word(text):
+    if optional and _none_word(text, cls, key):
         return None
     try:
         if is_tuple and base is int:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from offpg_offline import distributed, estimators
-from offpg_offline.config import Init, TrainConfig, as_params
+from offpg_offline.config import Init, TrainConfig, as_params, resolve_auto
 from offpg_offline.data.spaces import space_from_json
 from offpg_offline.data.split import validation_digest, write_validation_record
 from offpg_offline.data.stream import LogView
@@ -52,7 +52,12 @@ from offpg_offline.training.monitor import (
     resolve_env,
     weight_metrics,
 )
-from offpg_offline.training.prepare import TrainingData, behavior_logp_of, prepare_data
+from offpg_offline.training.prepare import (
+    TrainingData,
+    actions_are_discrete,
+    behavior_logp_of,
+    prepare_data,
+)
 from offpg_offline.training.selection import Selector, checkpoint_interval, make_selector
 
 __all__ = [
@@ -131,6 +136,7 @@ def train(
     tracker = (tracker or NullTracker()) if context.is_main else NullTracker()
     torch.set_num_threads(config.threads)
     out_dir = out_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    config = resolve_auto(config, discrete_actions=actions_are_discrete(dataset, config))
     checkpoint = None if resume is None else load_resumable(resume, config)
     start_step = 0 if checkpoint is None else int(checkpoint["step"])
     surrogate_options(config)  # an option the estimator ignores is refused before any file

@@ -28,9 +28,10 @@ from typing import Any
 
 import torch
 
-from offpg_offline.config import FitConfig, TrainConfig, build
+from offpg_offline.config import FitConfig, TrainConfig, build, resolve_auto
 from offpg_offline.data.store import read_card
 from offpg_offline.train import train
+from offpg_offline.training.prepare import actions_are_discrete
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = (
@@ -39,11 +40,14 @@ DATASETS = (
 )
 
 # Option sets: "default" is TrainConfig() itself (per-step, ρ capped at 2, value baseline,
-# KL weight 2, 5000 BC steps, lr 1e-3, 1000 steps); the others override it.
+# KL weight 2, 5000 BC steps, 1000 steps, lr auto: 1e-3 for discrete actions, 5e-4 for
+# continuous ones); the others override it. An override that resolves to the default's own
+# configuration on a log (e.g. lr 1e-3 on a discrete log) reuses the default's runs.
 CONFIGS: dict[str, dict[str, Any]] = {
     "default": {},
     "pre-issue-15 default (bc 300; lr 1e-3)": {"bc_steps": 300, "lr": 1e-3},
-    "default with lr 5e-4": {"lr": 5e-4},
+    "lr 1e-3 (default before auto)": {"lr": 1e-3},
+    "lr 5e-4": {"lr": 5e-4},
     "critic λ=0.95": {"estimator": "critic", "critic_lambda": 0.95},
 }
 
@@ -62,12 +66,19 @@ def dataset_for(name: str, seed: int, scratch: Path) -> tuple[Path, dict[str, An
     return fitted, {"propensity": "estimated"}
 
 
-def run_one(name: str, config_name: str, seed: int, episodes: int, scratch: Path
-            ) -> dict[str, float]:
+def config_for(name: str, config_name: str, seed: int, episodes: int, scratch: Path
+               ) -> tuple[Path, TrainConfig]:
+    """The log to train on and the configuration `train` will use on it (lr auto resolved)."""
     dataset, propensity = dataset_for(name, seed, scratch)
     overrides = {**CONFIGS[config_name], **propensity, "seed": seed, "eval_episodes": episodes}
     base = dataclasses.asdict(TrainConfig())
     config = build(TrainConfig, "train", {**base, **overrides})
+    return dataset, resolve_auto(config, discrete_actions=actions_are_discrete(dataset, config))
+
+
+def run_one(name: str, config_name: str, seed: int, episodes: int, scratch: Path
+            ) -> dict[str, float]:
+    dataset, config = config_for(name, config_name, seed, episodes, scratch)
     out_dir = scratch / f"{name}-config{list(CONFIGS).index(config_name)}-seed{seed}"
     return train(dataset, config, out_dir=out_dir).metrics
 
@@ -96,12 +107,18 @@ def main() -> None:
             card = read_card(ROOT / "datasets" / dataset_name)
             bc: list[float] = []
             bc_greedy: list[float] = []
+            done: dict[tuple, tuple[str, list[dict[str, float]]]] = {}
             for name in names:
                 start = time.perf_counter()
-                runs = [
-                    run_one(dataset_name, name, seed, args.episodes, Path(scratch))
-                    for seed in seeds
-                ]
+                key = tuple(config_for(dataset_name, name, seed, args.episodes, Path(scratch))[1]
+                            for seed in seeds)
+                same_as, runs = done.get(key, (None, []))
+                if same_as is None:
+                    runs = [
+                        run_one(dataset_name, name, seed, args.episodes, Path(scratch))
+                        for seed in seeds
+                    ]
+                    done[key] = (name, runs)
                 if name == "default":  # every BC start of a seed is the same policy
                     bc += [m["bc/return_mean"] for m in runs]
                     bc_greedy += [m["bc/greedy_return_mean"] for m in runs]
@@ -112,12 +129,14 @@ def main() -> None:
                     "greedy": [m["online/greedy_return_mean"] for m in runs],
                     "ess": [m["weights/ess_fraction"] for m in runs],
                     "seconds_per_run": (time.perf_counter() - start) / len(seeds),
+                    "same_as": same_as,
                 }
                 rows.append(row)
                 print(
                     f"{dataset_name:19s} {name:42s} stochastic {mean_std(row['stochastic']):>16s}"
                     f"  greedy {mean_std(row['greedy']):>16s}"
-                    f"  ({row['seconds_per_run']:.0f} s/run)",
+                    + (f"  (= {same_as})" if same_as else
+                       f"  ({row['seconds_per_run']:.0f} s/run)"),
                     flush=True,
                 )
             behavior = card["behavior"]
@@ -148,8 +167,9 @@ def table_of(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|",
     ]
     for row in rows:
+        same = f" (= {row['same_as']})" if row.get("same_as") else ""
         lines.append(
-            f"| {row['dataset']} | {row['config']} | {mean_std(row['greedy'])} | "
+            f"| {row['dataset']} | {row['config']}{same} | {mean_std(row['greedy'])} | "
             f"{mean_std(row['stochastic'])} |"
         )
     return "\n".join(lines)

@@ -34,13 +34,14 @@ from pathlib import Path
 
 import torch
 
-from offpg_offline.config import TrainConfig, build
+from offpg_offline.config import TrainConfig, build, resolve_auto
 from offpg_offline.data.batch import load_steps
 from offpg_offline.data.spaces import space_from_json
 from offpg_offline.data.store import read_card
 from offpg_offline.estimators import discounted_returns
 from offpg_offline.policies import make_policy
 from offpg_offline.train import NullTracker, train
+from offpg_offline.training.prepare import actions_are_discrete
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,6 +113,8 @@ def main() -> None:
     config = build(TrainConfig, "bench_train", {
         **dataclasses.asdict(TrainConfig()), "eval_episodes": 2, "threads": 1,
         "estimator": args.estimator})
+    # lr auto as `train` resolves it, so the bare loop's Adam takes the same rate
+    config = resolve_auto(config, discrete_actions=actions_are_discrete(args.dataset, config))
     # Interleaved repeats (bare, ours, bare, ours, ...), best of each: other processes only
     # add time, and a burst of their load then hits both loops alike (all bare runs first,
     # then all ours, let one burst land on one side only).

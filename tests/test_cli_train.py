@@ -132,7 +132,7 @@ def test_help_shows_every_config_field_with_its_doc_and_default() -> None:
             assert flag in params, f"no option for {cls.__name__}.{f.name}"
             assert params[flag].help == f.metadata["help"]
             default = f.default
-            shown = ("none" if default is None else str(default).lower()
+            shown = (f.metadata.get("none", "none") if default is None else str(default).lower()
                      if isinstance(default, bool) else ",".join(map(str, default))
                      if isinstance(default, tuple) else getattr(default, "value", default))
             assert params[flag].show_default == str(shown), flag

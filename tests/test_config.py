@@ -24,6 +24,7 @@ from offpg_offline.config import (
     check_output_folder,
     parse_config,
     parse_value,
+    resolve_auto,
 )
 from offpg_offline.jobs.record import to_toml
 
@@ -90,10 +91,32 @@ def test_toml_round_trip_of_none_values() -> None:
     # clip=None used to be left out of config.toml, so a re-run read clip = 2.0
     optional = {f.name for f in dataclasses.fields(TrainConfig)
                 if "None" in str(f.type)}
-    assert optional == {"clip", "ppo_epsilon", "select_by", "env"}
+    assert optional == {"lr", "clip", "ppo_epsilon", "select_by", "env"}
     run = RunConfig(TrainConfig(**dict.fromkeys(optional)), TrackingConfig())
     back = parse_config(to_toml(run), source="test")
-    assert back == run and back.train.clip is None
+    assert back == run and back.train.clip is None and back.train.lr is None
+
+
+def test_auto_lr_reads_auto_and_none_and_nowhere_else_is_auto_a_word() -> None:
+    assert TrainConfig().lr is None  # auto: decided by the action space when training starts
+    for word in ("auto", "AUTO", " none "):
+        assert parse_value(TrainConfig, "lr", word) is None
+    assert parse_config('[train]\nlr = "auto"\n', source="x").train.lr is None
+    assert 'lr = "auto"' in to_toml(RunConfig()).splitlines()  # config.toml shows the word
+    assert parse_config("[train]\nlr = 3e-4\n", source="x").train.lr == 3e-4
+    with pytest.raises(ConfigError, match="clip 'auto' is not a valid float"):
+        parse_value(TrainConfig, "clip", "auto")  # clip's None means "no cap", not auto
+    with pytest.raises(ConfigError, match=r"lr must be positive, got 0\.0"):
+        TrainConfig(lr=0.0)
+
+
+def test_resolve_auto_sets_lr_by_action_space_and_keeps_an_explicit_one() -> None:
+    # The values README's "The default configuration, and why" documents.
+    assert resolve_auto(TrainConfig(), discrete_actions=True).lr == 1e-3
+    assert resolve_auto(TrainConfig(), discrete_actions=False).lr == 5e-4
+    assert resolve_auto(TrainConfig(lr=0.02), discrete_actions=False).lr == 0.02
+    resolved = resolve_auto(TrainConfig(kl_coef=3.0), discrete_actions=False)
+    assert resolved == dataclasses.replace(TrainConfig(kl_coef=3.0), lr=5e-4)
 
 
 def test_toml_written_for_none_is_the_word_none() -> None:

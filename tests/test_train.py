@@ -364,3 +364,23 @@ def test_the_validation_pdis_reads_logged_rewards_not_returns_to_go(estimator) -
     assert data.val_probe is not None and data.val_probe.n_rows > 0
     assert torch.equal(data.val_probe.reward, torch.ones_like(data.val_probe.reward))
     assert bool((data.train_view.reward > 1.5).any())  # the training rows do hold G_t
+
+
+@pytest.mark.parametrize(
+    ("dataset", "lr", "used"),
+    [
+        ("cartpole-weak", None, 1e-3),  # Discrete actions: auto is 1e-3
+        ("pendulum-gauss", None, 5e-4),  # Box actions: auto is 5e-4 (README, default table)
+        ("pendulum-gauss", 0.02, 0.02),  # an explicit rate is kept
+    ],
+)
+def test_auto_lr_is_decided_by_the_action_space_and_reaches_adam(
+    tmp_path: Path, dataset: str, lr: float | None, used: float
+) -> None:
+    tracker = RecordingTracker()
+    config = dataclasses.replace(FAST, steps=2, lr=lr, eval_episodes=1)
+    result = train(DATASETS / dataset, config, tracker=tracker, out_dir=tmp_path / "run")
+    checkpoint = torch.load(result.checkpoint, weights_only=False)
+    assert [group["lr"] for group in checkpoint["optimizer"]["param_groups"]] == [used]
+    assert tracker.params["lr"] == used  # the run records the rate it used, never "auto"
+    assert checkpoint["config"]["lr"] == used

@@ -74,9 +74,9 @@ def _toml_string(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-def _toml_value(value: Any) -> str:
-    if value is None:
-        return '"none"'  # TOML has no null; config.coerce_value reads "none" back as None
+def _toml_value(value: Any, none: str = "none") -> str:
+    if value is None:  # TOML has no null; config.coerce_value reads the word back as None
+        return f'"{none}"'
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, Enum):
@@ -94,8 +94,9 @@ def to_toml(run: RunConfig) -> str:
     for part in dataclasses.fields(run):
         config = getattr(run, part.name)
         lines.append(f"[{part.name}]")
-        lines += [f"{f.name} = {_toml_value(getattr(config, f.name))}"
-                  for f in dataclasses.fields(config)]
+        for f in dataclasses.fields(config):
+            value = _toml_value(getattr(config, f.name), f.metadata.get("none", "none"))
+            lines.append(f"{f.name} = {value}")
         lines.append("")
     return "\n".join(lines)
 

@@ -20,9 +20,11 @@ from offpg_offline import estimators
 from offpg_offline.config import Baseline, Propensity, TrainConfig
 from offpg_offline.data.batch import StepBatch, load_steps
 from offpg_offline.data.card import check_batch_finite, verify_parts
+from offpg_offline.data.spaces import space_from_json
 from offpg_offline.data.split import split_episodes
 from offpg_offline.data.store import read_card
 from offpg_offline.data.stream import EpisodeSource, LogView, episode_rows
+from offpg_offline.policies import space_dims
 from offpg_offline.training.batches import (
     BaselineFn,
     BatchSource,
@@ -65,6 +67,12 @@ class TrainingData:
     validation: tuple[StepBatch, Tensor] | None
     source: BatchSource
     streamed: bool
+
+
+def actions_are_discrete(dataset: Path, config: TrainConfig) -> bool:
+    """Whether the log at `dataset` has Discrete actions (its card's `action_space`)."""
+    card = read_card(dataset, allow_env_entry_point=config.allow_env_entry_point)
+    return space_dims(space_from_json(card["action_space"]))[0] == "discrete"
 
 
 def prepare_data(dataset: Path, config: TrainConfig) -> TrainingData:
