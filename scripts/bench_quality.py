@@ -76,13 +76,6 @@ def config_for(name: str, config_name: str, seed: int, episodes: int, scratch: P
     return dataset, resolve_auto(config, discrete_actions=actions_are_discrete(dataset, config))
 
 
-def run_one(name: str, config_name: str, seed: int, episodes: int, scratch: Path
-            ) -> dict[str, float]:
-    dataset, config = config_for(name, config_name, seed, episodes, scratch)
-    out_dir = scratch / f"{name}-config{list(CONFIGS).index(config_name)}-seed{seed}"
-    return train(dataset, config, out_dir=out_dir).metrics
-
-
 def mean_std(values: list[float]) -> str:
     if not values:
         return "n/a"
@@ -110,13 +103,15 @@ def main() -> None:
             done: dict[tuple, tuple[str, list[dict[str, float]]]] = {}
             for name in names:
                 start = time.perf_counter()
-                key = tuple(config_for(dataset_name, name, seed, args.episodes, Path(scratch))[1]
-                            for seed in seeds)
+                planned = [config_for(dataset_name, name, seed, args.episodes, Path(scratch))
+                           for seed in seeds]
+                key = tuple(config for _, config in planned)
                 same_as, runs = done.get(key, (None, []))
                 if same_as is None:
                     runs = [
-                        run_one(dataset_name, name, seed, args.episodes, Path(scratch))
-                        for seed in seeds
+                        train(dataset, config, out_dir=Path(scratch) / f"{dataset_name}-"
+                              f"config{names.index(name)}-seed{config.seed}").metrics
+                        for dataset, config in planned
                     ]
                     done[key] = (name, runs)
                 if name == "default":  # every BC start of a seed is the same policy
