@@ -13,7 +13,9 @@ episodes,
 policy-gradient step, so Q̂ follows μ_θ as it moves. The policy-gradient step is the default's
 own loss (`train.loss_of`: ρ capped at 2, KL weight 2) on 2048 logged rows with Q̂(s, a) as the
 row's target and Q̂(s, μ_θ(s)) as its baseline. `--kappa` multiplies the clone's σ by κ and
-freezes it (κ < 1: the gradient of a narrower policy, closer to the greedy one deployed).
+freezes it (κ < 1: the gradient of a narrower policy, closer to the greedy one deployed);
+`--alpha` rescales both by α / mean|Q̂(s, a)| over the batch (TD3+BC's normalisation), so the
+KL weight's pull no longer depends on the reward's scale.
 
 Continuous actions only. Prints one JSON line per run and a summary per (dataset, setting):
 
@@ -120,6 +122,9 @@ def run(name: str, seed: int, args: argparse.Namespace, scratch: Path) -> dict[s
         with torch.no_grad():
             q_logged = critics[0](q_input(batch.obs, batch.action)).squeeze(-1) * scale
             q_greedy = critics[0](q_input(batch.obs, policy.mode(batch.obs))).squeeze(-1) * scale
+        if args.alpha is not None:  # TD3+BC's λ = α / mean|Q̂|: the step's scale is Q̂-free
+            factor = args.alpha / q_logged.abs().mean().clamp_min(1e-6)
+            q_logged, q_greedy = q_logged * factor, q_greedy * factor
         batch = dataclasses.replace(batch, reward=q_logged, baseline=q_greedy)
         loss = loss_of(policy.log_prob(batch.obs, batch.action), batch, config)
         optimizer.zero_grad()
@@ -144,6 +149,9 @@ def main() -> None:
     parser.add_argument("--warm", type=int, default=5000, help="critic steps before the loop")
     parser.add_argument("--q-per-step", type=int, default=2)
     parser.add_argument("--episodes", type=int, default=20)
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="divide Q̂ by the batch's mean |Q̂| and multiply by α (TD3+BC's "
+                        "normalisation); default: Q̂ in reward units")
     args = parser.parse_args()
     torch.set_num_threads(1)
     results: dict[str, list[dict[str, Any]]] = {}

@@ -1,5 +1,5 @@
 """scripts/exp_greedy_critic.py (the issue-15 experiment quoted in README) runs end to end on a
-shipped continuous log, and its --kappa reaches the policy that is evaluated."""
+shipped continuous log, and its --kappa and --alpha reach the policy that is evaluated."""
 
 from __future__ import annotations
 
@@ -25,10 +25,11 @@ def _run(tmp_path: Path, *extra: str) -> dict:
     return json.loads(out[0])
 
 
-def test_greedy_critic_experiment_runs_and_kappa_reaches_the_policy(tmp_path: Path) -> None:
+def test_greedy_critic_experiment_runs_and_its_options_reach_the_policy(tmp_path: Path) -> None:
     plain = _run(tmp_path)
     narrow = _run(tmp_path, "--kappa", "0.25")
-    for row in (plain, narrow):
+    rescaled = _run(tmp_path, "--alpha", "100")
+    for row in (plain, narrow, rescaled):
         assert row["dataset"] == "pendulum-gauss" and row["seed"] == 0
         assert all(math.isfinite(row[k]) for k in ("greedy", "stochastic", "bc_greedy"))
         assert -3300 < row["greedy"] <= 0  # Pendulum: 200 steps of reward in [−16.3, 0]
@@ -36,3 +37,7 @@ def test_greedy_critic_experiment_runs_and_kappa_reaches_the_policy(tmp_path: Pa
     # σ) must change while the clone, evaluated before κ applies, is the same.
     assert plain["bc_greedy"] == narrow["bc_greedy"]
     assert plain["stochastic"] != narrow["stochastic"]
+    # --alpha rescales the advantages (α / mean|Q̂| instead of 1): the 3 steps move the mean by
+    # another amount, so the same seeded greedy episode scores differently.
+    assert rescaled["bc_greedy"] == plain["bc_greedy"]
+    assert rescaled["greedy"] != plain["greedy"]
