@@ -141,7 +141,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", default="lander-clipped,pendulum-gauss")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--kappa", type=float, default=1.0, help="σ multiplier, frozen (< 1)")
+    parser.add_argument("--kappa", type=float, default=1.0,
+                        help="multiply the clone's σ by κ and freeze it; 1: σ is learned")
     parser.add_argument("--steps", type=int, default=1000, help="policy-gradient steps")
     parser.add_argument("--lr", type=float, default=None, help="default: lr auto")
     parser.add_argument("--kl-coef", type=float, default=2.0)
