@@ -17,6 +17,17 @@ freezes it (κ < 1: the gradient of a narrower policy, closer to the greedy one 
 `--alpha` rescales both by α / mean|Q̂(s, a)| over the batch (TD3+BC's normalisation), so the
 KL weight's pull no longer depends on the reward's scale.
 
+Anchors and controls measured in the second round (README, "The default configuration, and
+why"): `--anchor-coef w` replaces the sampled KL(π_θ‖π_β) (a noisy estimate from the logged
+actions) by w · KL(π_θ(·|s)‖π_c(·|s)) in closed form between the Gaussians of π_θ and the
+frozen clone π_c, whose gradient is exactly 0 at the clone; `--bc-coef` adds the logged
+actions' negative log-likelihood (TD3+BC's BC term); `--no-pg` zeroes the advantages (the
+anchors alone); `--pessimistic` takes min(Q̂₁, Q̂₂) at the logged action; `--gpi` takes
+max(Q̂(s, a), G_t) and max(Q̂(s, μ_θ(s)), V̂(s)) — generalised policy improvement over μ_θ and
+the logger; `--critic logger` keeps the default's G_t − V̂(s_t) and fits no Q̂; `--ema` and
+`--decay` evaluate an average of θ and decay the learning rate. Each run reports the batch's
+mean |Â| and mean |Q̂(s, a)| (first and last 100 steps) in reward units.
+
 Continuous actions only. Prints one JSON line per run and a summary per (dataset, setting):
 
     python scripts/exp_greedy_critic.py --datasets lander-clipped,pendulum-gauss --kappa 0.5
@@ -45,6 +56,7 @@ from bench_quality import dataset_for
 from offpg_offline import distributed
 from offpg_offline.config import TrainConfig, build, resolve_auto
 from offpg_offline.data.spaces import space_from_json
+from offpg_offline.data.stream import LogView
 from offpg_offline.train import build_policy, loss_of
 from offpg_offline.training.monitor import online_metrics, resolve_env
 from offpg_offline.training.prepare import actions_are_discrete, prepare_data
@@ -69,6 +81,9 @@ def run(name: str, seed: int, args: argparse.Namespace, scratch: Path) -> dict[s
     data = prepare_data(dataset, config)
     env_id, _ = resolve_env(data.card, config)
     policy, optimizer, bc = build_policy(data, config, distributed.setup("cpu"), None, env_id)
+    clone = copy.deepcopy(policy).requires_grad_(False)
+    if args.anchor_coef:  # the analytic KL to the clone replaces the sampled KL(π_θ‖π_β)
+        config = dataclasses.replace(config, kl_coef=0.0)
     if args.kappa != 1.0:
         policy.log_std.data += math.log(args.kappa)
         policy.log_std.requires_grad_(False)
@@ -110,31 +125,76 @@ def run(name: str, seed: int, args: argparse.Namespace, scratch: Path) -> dict[s
                 for p, tp in zip(q.parameters(), target.parameters(), strict=True):
                     tp.lerp_(p, TAU)
 
-    start = time.perf_counter()
-    for _ in range(args.warm):
-        q_step()
-    batches = torch.Generator().manual_seed(2000 + seed)
-    for _ in range(config.steps):
-        for _ in range(args.q_per_step):
-            q_step()
-        batch = view.rows(torch.randperm(view.n_rows, generator=batches)[: config.batch_steps],
-                          as_steps=True)
+    def anchor(obs: Tensor) -> Tensor:
+        """`--anchor-coef` × KL(N(μ_θ, σ_θ)‖N(μ_c, σ_c)) per state, closed form (0 when off)."""
+        if not args.anchor_coef:
+            return torch.zeros(())
+        mean, log_std = policy.distribution_params(obs)
         with torch.no_grad():
-            q_logged = critics[0](q_input(batch.obs, batch.action)).squeeze(-1) * scale
+            c_mean, c_log_std = clone.distribution_params(obs)
+        kl = (c_log_std - log_std + ((2 * log_std).exp() + (mean - c_mean) ** 2)
+              / (2 * (2 * c_log_std).exp()) - 0.5).sum(-1).mean()
+        return args.anchor_coef * kl
+
+    scales: list[tuple[float, float]] = []  # per step: mean |Â|, mean |Q̂(s, a)| of the batch
+
+    def greedy_targets(batch: LogView) -> LogView:
+        """The rows with Q̂(s, a) as target and Q̂(s, μ_θ(s)) as baseline (options applied)."""
+        with torch.no_grad():
+            x_logged = q_input(batch.obs, batch.action)
+            q_logged = critics[0](x_logged).squeeze(-1) * scale
+            if args.pessimistic:  # the twin critics' lower bound at the logged action
+                q_logged = torch.minimum(q_logged, critics[1](x_logged).squeeze(-1) * scale)
             q_greedy = critics[0](q_input(batch.obs, policy.mode(batch.obs))).squeeze(-1) * scale
         if args.alpha is not None:  # TD3+BC's λ = α / mean|Q̂|: the step's scale is Q̂-free
             factor = args.alpha / q_logged.abs().mean().clamp_min(1e-6)
             q_logged, q_greedy = q_logged * factor, q_greedy * factor
-        batch = dataclasses.replace(batch, reward=q_logged, baseline=q_greedy)
-        loss = loss_of(policy.log_prob(batch.obs, batch.action), batch, config)
+        if args.no_pg:  # control: the anchors alone (KL, --anchor-coef, --bc-coef)
+            q_logged, q_greedy = torch.zeros_like(q_logged), torch.zeros_like(q_greedy)
+        if args.gpi:  # generalised policy improvement over {μ_θ, β}: max of the two critics
+            q_logged = torch.maximum(q_logged, batch.reward)
+            q_greedy = torch.maximum(q_greedy, batch.baseline)
+        scales.append((float((q_logged - q_greedy).abs().mean()), float(q_logged.abs().mean())))
+        return dataclasses.replace(batch, reward=q_logged, baseline=q_greedy)
+
+    start = time.perf_counter()
+    logger_critic = args.critic == "logger"
+    for _ in range(0 if logger_critic else args.warm):
+        q_step()
+    batches = torch.Generator().manual_seed(2000 + seed)
+    averaged = torch.optim.swa_utils.AveragedModel(
+        policy, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema or 0.0))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: 0.5 * (1 + math.cos(math.pi * k / config.steps)) if args.decay
+        else 1.0)
+    for _ in range(config.steps):
+        for _ in range(0 if logger_critic else args.q_per_step):
+            q_step()
+        batch = view.rows(torch.randperm(view.n_rows, generator=batches)[: config.batch_steps],
+                          as_steps=True)
+        if not logger_critic:  # else the default's own advantage, G_t − V̂(s_t)
+            batch = greedy_targets(batch)
+        target_logp = policy.log_prob(batch.obs, batch.action)
+        loss = loss_of(target_logp, batch, config) + anchor(batch.obs)
+        if args.bc_coef:  # forward KL(π_β‖π_θ) up to a constant: the logged actions' likelihood
+            loss = loss - args.bc_coef * target_logp.mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
+        if args.ema:
+            averaged.update_parameters(policy)
     seconds = time.perf_counter() - start
+    if args.ema:
+        policy.load_state_dict(averaged.module.state_dict())
     online = online_metrics(policy, env_id, config)
     return {"dataset": name, "seed": seed, "greedy": online["online/greedy_return_mean"],
             "stochastic": online["online/return_mean"], "bc_greedy": bc["bc/greedy_return_mean"],
-            "seconds": round(seconds, 1)}
+            "seconds": round(seconds, 1),
+            **({} if not scales else {
+                "adv_scale_first": round(statistics.mean(a for a, _ in scales[:100]), 3),
+                "adv_scale_last": round(statistics.mean(a for a, _ in scales[-100:]), 3),
+                "q_scale_last": round(statistics.mean(q for _, q in scales[-100:]), 3)})}
 
 
 def main() -> None:
@@ -153,6 +213,24 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=None,
                         help="divide Q̂ by the batch's mean |Q̂| and multiply by α (TD3+BC's "
                         "normalisation); default: Q̂ in reward units")
+    parser.add_argument("--no-pg", action="store_true",
+                        help="control: zero advantages, so only the KL and --bc-coef terms act")
+    parser.add_argument("--anchor-coef", type=float, default=0.0,
+                        help="replace the sampled KL(π_θ‖π_β) by this weight times the "
+                        "closed-form KL(π_θ‖π_clone) on the batch's states")
+    parser.add_argument("--critic", choices=("greedy", "logger"), default="greedy",
+                        help="logger: the default's advantage G_t − V̂(s_t), no Q̂ is fitted")
+    parser.add_argument("--ema", type=float, default=None,
+                        help="evaluate the exponential moving average of θ with this decay")
+    parser.add_argument("--decay", action="store_true", help="cosine learning-rate decay to 0")
+    parser.add_argument("--pessimistic", action="store_true",
+                        help="target min(Q̂₁, Q̂₂)(s, a) instead of Q̂₁(s, a)")
+    parser.add_argument("--gpi", action="store_true",
+                        help="target max(Q̂(s, a), G_t) and baseline max(Q̂(s, μ_θ(s)), V̂(s)): "
+                        "the better of the greedy policy's critic and the logger's")
+    parser.add_argument("--bc-coef", type=float, default=0.0,
+                        help="weight of −mean log π_θ(a|s) on the batch's logged actions (a "
+                        "behavior-cloning anchor, the forward KL(π_β‖π_θ) up to a constant)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     results: dict[str, list[dict[str, Any]]] = {}
