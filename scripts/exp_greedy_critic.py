@@ -126,7 +126,8 @@ def run(name: str, seed: int, args: argparse.Namespace, scratch: Path) -> dict[s
                     tp.lerp_(p, TAU)
 
     def anchor(obs: Tensor) -> Tensor:
-        """`--anchor-coef` × KL(N(μ_θ, σ_θ)‖N(μ_c, σ_c)) per state, closed form (0 when off)."""
+        """`--anchor-coef` × KL(N(μ_θ, σ_θ)‖N(μ_c, σ_c)) per state, closed form, between the
+        policies' (pre-squash or pre-truncation) Gaussians; 0 when off."""
         if not args.anchor_coef:
             return torch.zeros(())
         mean, log_std = policy.distribution_params(obs)
@@ -214,7 +215,8 @@ def main() -> None:
                         help="divide Q̂ by the batch's mean |Q̂| and multiply by α (TD3+BC's "
                         "normalisation); default: Q̂ in reward units")
     parser.add_argument("--no-pg", action="store_true",
-                        help="control: zero advantages, so only the KL and --bc-coef terms act")
+                        help="control: zero advantages, so only the KL, --anchor-coef and "
+                        "--bc-coef terms act")
     parser.add_argument("--anchor-coef", type=float, default=0.0,
                         help="replace the sampled KL(π_θ‖π_β) by this weight times the "
                         "closed-form KL(π_θ‖π_clone) on the batch's states")
@@ -232,6 +234,13 @@ def main() -> None:
                         help="weight of −mean log π_θ(a|s) on the batch's logged actions (a "
                         "behavior-cloning anchor, the forward KL(π_β‖π_θ) up to a constant)")
     args = parser.parse_args()
+    if args.critic == "logger":  # these act on Q̂, which the logger's advantage does not use
+        chosen = {"--alpha": args.alpha is not None, "--no-pg": args.no_pg,
+                  "--pessimistic": args.pessimistic, "--gpi": args.gpi}
+        q_only = [flag for flag, on in chosen.items() if on]
+        if q_only:
+            parser.error(f"{', '.join(q_only)} act on the greedy critic's Q̂ and cannot be "
+                         "combined with --critic logger")
     torch.set_num_threads(1)
     results: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as scratch:

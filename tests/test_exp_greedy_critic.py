@@ -76,3 +76,13 @@ def test_anchor_coef_weights_the_closed_form_kl(tmp_path: Path) -> None:
     assert weak["bc_greedy"] == strong["bc_greedy"]
     assert weak["greedy"] != strong["greedy"]
 
+
+
+def test_logger_critic_refuses_the_options_of_q() -> None:
+    # --critic logger fits no Q̂, so an option that only acts on Q̂ would be silently ignored.
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "exp_greedy_critic.py"), "--critic", "logger",
+         "--gpi", "--no-pg"], capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2
+    assert "--no-pg, --gpi act on the greedy critic's Q̂" in done.stderr
