@@ -20,7 +20,7 @@ KL weight's pull no longer depends on the reward's scale.
 Anchors and controls measured in the second round (README, "The default configuration, and
 why"): `--anchor-coef w` replaces the sampled KL(π_θ‖π_β) (a noisy estimate from the logged
 actions) by w · KL(π_θ(·|s)‖π_c(·|s)) in closed form between the Gaussians of π_θ and the
-frozen clone π_c, whose gradient is exactly 0 at the clone; `--bc-coef` adds the logged
+frozen clone π_c, whose gradient is exactly 0 at the clone's mean; `--bc-coef` adds the logged
 actions' negative log-likelihood (TD3+BC's BC term); `--no-pg` zeroes the advantages (the
 anchors alone); `--pessimistic` takes min(Q̂₁, Q̂₂) at the logged action; `--gpi` takes
 max(Q̂(s, a), G_t) and max(Q̂(s, μ_θ(s)), V̂(s)) — generalised policy improvement over μ_θ and
@@ -163,8 +163,8 @@ def run(name: str, seed: int, args: argparse.Namespace, scratch: Path) -> dict[s
     for _ in range(0 if logger_critic else args.warm):
         q_step()
     batches = torch.Generator().manual_seed(2000 + seed)
-    averaged = torch.optim.swa_utils.AveragedModel(
-        policy, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema or 0.0))
+    averaged = None if not args.ema else torch.optim.swa_utils.AveragedModel(
+        policy, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: 0.5 * (1 + math.cos(math.pi * k / config.steps)) if args.decay
         else 1.0)
@@ -183,10 +183,10 @@ def run(name: str, seed: int, args: argparse.Namespace, scratch: Path) -> dict[s
         loss.backward()
         optimizer.step()
         schedule.step()
-        if args.ema:
+        if averaged is not None:
             averaged.update_parameters(policy)
     seconds = time.perf_counter() - start
-    if args.ema:
+    if averaged is not None:
         policy.load_state_dict(averaged.module.state_dict())
     online = online_metrics(policy, env_id, config)
     return {"dataset": name, "seed": seed, "greedy": online["online/greedy_return_mean"],
