@@ -34,6 +34,7 @@ class EstimatorName(StrEnum):
     PAST_WEIGHT = "past-weight"
     PER_STEP = "per-step"
     CRITIC = "critic"
+    GREEDY_CRITIC = "greedy-critic"
 
 
 class Propensity(StrEnum):
@@ -117,17 +118,23 @@ def option(
 class TrainConfig:
     """Everything `offpg train` needs; each field is logged as an MLflow param."""
 
-    estimator: EstimatorName = option(
-        EstimatorName.PER_STEP,
-        "Surrogate of docs/design.md (default chosen by scripts/bench_quality.py).",
+    estimator: EstimatorName | None = option(
+        None,
+        "Surrogate of docs/design.md; auto (chosen from the log's action space by "
+        "scripts/bench_quality.py): per-step for discrete actions, greedy-critic for "
+        "continuous ones (per-step with --init random).",
+        none="auto",
     )
     propensity: Propensity = option(Propensity.LOGGED, "Column giving log π_β(a|s).")
     gamma: float = option(0.99, "Discount γ in [0, 1].", ge=0.0, le=1.0)
-    steps: int = option(1000, "Gradient steps.", gt=0)
+    steps: int | None = option(
+        None, "Gradient steps; auto: 3000 for greedy-critic, else 1000.", gt=0, none="auto"
+    )
     lr: float | None = option(
-        None, "Adam learning rate of the policy-gradient steps; auto: 1e-3 for discrete "
-        "actions, 5e-4 for continuous ones (scripts/bench_quality.py: 5e-4 scored higher on "
-        "every continuous log, but left cartpole-weak's greedy policy at 496 instead of 500).",
+        None, "Adam learning rate of the policy-gradient steps; auto: 2.5e-4 for greedy-critic, "
+        "else 1e-3 for discrete actions and 5e-4 for continuous ones (scripts/bench_quality.py: "
+        "5e-4 scored higher on every continuous log, but left cartpole-weak's greedy policy at "
+        "496 instead of 500).",
         gt=0.0, none="auto",
     )
     batch_episodes: int = option(
@@ -164,10 +171,12 @@ class TrainConfig:
         ge=0.0, le=1.0,
     )
     init: Init = option(Init.BC, "Start from random weights or BC.")
-    bc_steps: int = option(
-        5000, "Gradient steps of behavior cloning for --init bc (batch 1024, lr 1e-3; "
-        "300 left the clone's most likely action off the logger's on lander-eps, and its "
-        "mean off the controller's on pendulum-gauss: scripts/bench_quality.py).", ge=0
+    bc_steps: int | None = option(
+        None, "Gradient steps of behavior cloning for --init bc (batch 1024, lr 1e-3); auto: "
+        "20000 for greedy-critic (its KL anchor is the clone: 5000 left a lander-clipped seed "
+        "at 268), else 5000 (300 left the clone's most likely action off the logger's on "
+        "lander-eps, and its mean off the controller's on pendulum-gauss: "
+        "scripts/bench_quality.py).", ge=0, none="auto"
     )
     val_fraction: float = option(
         0.2, "Fraction of episodes held out for validation.", ge=0.0, lt=1.0
@@ -228,18 +237,38 @@ class TrainConfig:
                 )
 
 
-AUTO_LR = {"discrete": 1e-3, "continuous": 5e-4}
-"""`TrainConfig.lr` when it is auto (None), by the log's action space (scripts/bench_quality.py)."""
+AUTO_ESTIMATOR = {"discrete": EstimatorName.PER_STEP, "continuous": EstimatorName.GREEDY_CRITIC}
+"""`TrainConfig.estimator` when it is auto, by the log's action space (scripts/bench_quality.py)."""
+AUTO_LR = {"discrete": 1e-3, "continuous": 5e-4, EstimatorName.GREEDY_CRITIC: 2.5e-4}
+"""`TrainConfig.lr` when it is auto: the estimator's entry, else the action space's."""
+AUTO_STEPS = {EstimatorName.GREEDY_CRITIC: 3000}
+"""`TrainConfig.steps` when it is auto: the estimator's entry, else `DEFAULT_STEPS`."""
+AUTO_BC_STEPS = {EstimatorName.GREEDY_CRITIC: 20000}
+"""`TrainConfig.bc_steps` when it is auto: the estimator's entry, else `DEFAULT_BC_STEPS`."""
+DEFAULT_STEPS, DEFAULT_BC_STEPS = 1000, 5000
 
 
 def resolve_auto(config: TrainConfig, *, discrete_actions: bool) -> TrainConfig:
-    """`config` with its auto fields decided by the log's action space: `lr` from `AUTO_LR`.
+    """`config` with its auto fields decided by the log's action space: the estimator
+    (`AUTO_ESTIMATOR`; per-step with `init=random`, greedy-critic's KL anchor being the clone),
+    then `lr`, `steps` and `bc_steps` by that estimator (`AUTO_LR`,
+    `AUTO_STEPS`, `AUTO_BC_STEPS`). Idempotent.
 
-    `train` calls it before anything is recorded, so a run's params, checkpoints and summary
-    carry the value used, never "auto"."""
-    if config.lr is not None:
-        return config
-    return dataclasses.replace(config, lr=AUTO_LR["discrete" if discrete_actions else "continuous"])
+    `train` calls it before anything is recorded (and `offpg train` before its run is named),
+    so a run's params, checkpoints and summary carry the values used, never "auto"."""
+    space = "discrete" if discrete_actions else "continuous"
+    estimator = config.estimator or AUTO_ESTIMATOR[space]
+    if config.estimator is None and config.init is not Init.BC:  # its anchor is the clone
+        estimator = EstimatorName.PER_STEP
+    return dataclasses.replace(
+        config,
+        estimator=estimator,
+        lr=config.lr if config.lr is not None else AUTO_LR.get(estimator, AUTO_LR[space]),
+        steps=config.steps if config.steps is not None else AUTO_STEPS.get(estimator,
+                                                                           DEFAULT_STEPS),
+        bc_steps=(config.bc_steps if config.bc_steps is not None
+                  else AUTO_BC_STEPS.get(estimator, DEFAULT_BC_STEPS)),
+    )
 
 
 @dataclass(frozen=True, slots=True)

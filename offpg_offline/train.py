@@ -16,6 +16,7 @@ selection, monitoring) and `distributed`. It never imports mlflow: a `Tracker` i
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -45,6 +46,7 @@ from offpg_offline.training.checkpoints import (
     save_checkpoint,
 )
 from offpg_offline.training.critic import check_discount_weighting
+from offpg_offline.training.greedy import GreedyCritic, anchor_kl, check_policy, freeze_std
 from offpg_offline.training.monitor import (
     Progress,
     final_log_weights,
@@ -114,6 +116,7 @@ class TrainResult:
     selected: Path | None = None  # the checkpoint chosen by `select_by`, when set
     selected_step: int | None = None
     online_skipped: str | None = None  # why no online returns (the env cannot be built)
+    config: TrainConfig | None = None  # the config trained with, its auto fields resolved
 
 
 def train(
@@ -136,10 +139,12 @@ def train(
     tracker = (tracker or NullTracker()) if context.is_main else NullTracker()
     torch.set_num_threads(config.threads)
     out_dir = out_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    config = resolve_auto(config, discrete_actions=actions_are_discrete(dataset, config))
+    discrete = actions_are_discrete(dataset, config)
+    config = resolve_auto(config, discrete_actions=discrete)
     checkpoint = None if resume is None else load_resumable(resume, config)
     start_step = 0 if checkpoint is None else int(checkpoint["step"])
     surrogate_options(config)  # an option the estimator ignores is refused before any file
+    check_action_space(config, discrete=discrete)
 
     data = prepare_data(dataset, config)
     env_id, online_skipped = resolve_env(data.card, config)
@@ -150,6 +155,7 @@ def train(
     policy, optimizer, bc_metrics = build_policy(data, config, context, checkpoint, env_id)
     if bc_metrics:
         tracker.log_metrics(bc_metrics, step=0)
+    greedy = build_greedy(policy, data, config, context, checkpoint)
     selector = make_selector(config, data.validation, data.train_batch)
     every = checkpoint_interval(config, selector)
     batches = data.source.batches(context, start_step)
@@ -163,13 +169,18 @@ def train(
         for step in range(start_step + 1, config.steps + 1):
             batch = next(batches)
             logging = step % config.log_every == 0 or step == config.steps
-            metrics = update(policy, optimizer, batch, config, context, logging=logging)
+            if greedy is not None:  # Q̂ follows μ_θ, then the batch gets its GPI advantage
+                greedy.critic.before_update(policy, step)
+                batch = greedy.critic.targets_of(batch, policy)
+            metrics = update(policy, optimizer, batch, config, context, logging=logging,
+                             anchor=None if greedy is None else greedy.anchor)
             if logging and context.is_main:
                 logged |= metrics | diagnostics(policy, batch, *probes, config)
                 tracker.log_metrics(logged, step=step)
             if context.is_main and every and step % every == 0:
                 path = save_checkpoint(
-                    out_dir / f"step-{step:06d}.pt", policy, optimizer, step=step, config=config
+                    out_dir / f"step-{step:06d}.pt", policy, optimizer, step=step, config=config,
+                    extra=None if greedy is None else greedy.state_dict(),
                 )
                 if selector is not None:
                     tracker.log_metrics(selector.score(on_cpu(policy), path, step), step=step)
@@ -180,8 +191,9 @@ def train(
 
     distributed.teardown(context)
     result = finish(policy, optimizer, data, config, tracker, context, out_dir=out_dir,
-                    env_id=env_id, selector=selector, metrics=logged | bc_metrics)
-    return dataclasses.replace(result, online_skipped=online_skipped)
+                    env_id=env_id, selector=selector, metrics=logged | bc_metrics,
+                    extra=None if greedy is None else greedy.state_dict())
+    return dataclasses.replace(result, online_skipped=online_skipped, config=config)
 
 
 def record_run(
@@ -258,6 +270,55 @@ def build_policy(
     return policy, optimizer, bc_metrics
 
 
+@dataclass(slots=True)
+class Greedy:
+    """The greedy-critic estimator's extra state: its critic and the frozen clone π_c."""
+
+    critic: GreedyCritic
+    anchor: nn.Module
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"critic": self.critic.state_dict(), "clone": self.anchor.state_dict()}
+
+
+def check_action_space(config: TrainConfig, *, discrete: bool) -> None:
+    """Refuse the greedy-critic estimator on a log with discrete actions (one sentence)."""
+    if estimators.ESTIMATORS[config.estimator.value].greedy and discrete:
+        raise ValueError(
+            f"the {config.estimator.value} estimator needs continuous actions (its critic "
+            "values the policy's mean action); this log's actions are discrete: use "
+            "--estimator per-step")
+
+
+def build_greedy(
+    policy: Policy,
+    data: TrainingData,
+    config: TrainConfig,
+    context: distributed.Context,
+    checkpoint: Mapping[str, Any] | None,
+) -> Greedy | None:
+    """For a greedy-critic run (else None): the frozen clone (the behavior-cloned π_θ, or the
+    checkpoint's), π_θ's σ frozen at `greedy.STD_SCALE` × the clone's, and the critic — warmed
+    up on the clone, or restored with its targets and Adam state (training/greedy.py)."""
+    if not estimators.ESTIMATORS[config.estimator.value].greedy:
+        return None
+    check_policy(policy)
+    clone = copy.deepcopy(policy).requires_grad_(False)
+    if checkpoint is not None:
+        clone.load_state_dict(checkpoint["extra"]["clone"])
+    freeze_std(policy, fresh=checkpoint is None)
+    space = space_from_json(data.card.get("env_action_space", data.card["action_space"]))
+    low = torch.as_tensor(space.low, dtype=torch.float32)
+    high = torch.as_tensor(space.high, dtype=torch.float32)
+    critic = GreedyCritic(data.train_batch, low, high, gamma=config.gamma, seed=config.seed,
+                          device=context.device)
+    if checkpoint is not None:
+        critic.load_state_dict(checkpoint["extra"]["critic"])
+    else:
+        critic.warm_up(policy)
+    return Greedy(critic, clone)
+
+
 def update(
     policy: Policy,
     optimizer: torch.optim.Optimizer,
@@ -266,16 +327,21 @@ def update(
     context: distributed.Context,
     *,
     logging: bool = True,
+    anchor: nn.Module | None = None,
 ) -> dict[str, float]:
     """One gradient step on the surrogate of `batch` (this rank's share of the global batch).
 
     With N ranks the gradients are averaged (`distributed.average_gradients`), which equals the
     global batch's gradient since every surrogate is a mean over its units and the KL penalty is
-    reweighted by N·M_r/M. Returns `train/loss` (the global batch's on logging steps) and, on
-    logging steps only (it costs a pass over the parameters), `train/grad_norm`.
+    reweighted by N·M_r/M. `anchor` (greedy-critic): the frozen clone π_c, whose closed-form
+    KL(π_θ‖π_c) on the batch's states, weight `kl_coef`, is the KL penalty instead of the
+    sampled one (training/greedy.py). Returns `train/loss` (the global batch's on logging
+    steps) and, on logging steps only (it costs a pass over the parameters), `train/grad_norm`.
     """
     kl_weight = distributed.row_weight(batch.n_rows, context) if config.kl_coef else 1.0
     loss, _ = surrogate(policy, batch, config, kl_weight=kl_weight)
+    if anchor is not None and config.kl_coef > 0:
+        loss = loss + config.kl_coef * kl_weight * anchor_kl(policy, anchor, batch.obs)
     optimizer.zero_grad()
     loss.backward()
     distributed.average_gradients(policy, context)
@@ -316,13 +382,14 @@ def finish(
     env_id: str | None,
     selector: Selector | None,
     metrics: dict[str, float],
+    extra: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Save `final.pt`, log the online returns, ship the selected checkpoint (rank 0 only)."""
     train_ids, val_ids = tuple(data.train_ids.tolist()), tuple(data.val_ids.tolist())
     if not context.is_main:
         return TrainResult(out_dir / "final.pt", {}, train_ids, val_ids)
     final = save_checkpoint(
-        out_dir / "final.pt", policy, optimizer, step=config.steps, config=config
+        out_dir / "final.pt", policy, optimizer, step=config.steps, config=config, extra=extra
     )
     online = online_metrics(policy, env_id, config)
     tracker.log_metrics(online, step=config.steps)
@@ -389,7 +456,7 @@ def loss_of(
         baseline=view.baseline,
         returns=view.reward if per_step else None,
     )
-    if config.kl_coef > 0:
+    if config.kl_coef > 0 and not spec.greedy:  # greedy-critic's KL is `update`'s anchor
         kl = estimators.kl_penalty(target_logp, view.behavior_logp)
         loss = loss + config.kl_coef * kl_weight * kl
     return loss

@@ -11,7 +11,7 @@ options honoured; `SurrogateOptions`), `psis` (Pareto smoothing), `diagnostics`
 
 from __future__ import annotations
 
-from offpg_offline.estimators.critic import critic_surrogate
+from offpg_offline.estimators.critic import critic_surrogate, greedy_critic_surrogate
 from offpg_offline.estimators.diagnostics import (
     QUANTILES,
     diagnostic_log_weights,
@@ -71,6 +71,7 @@ __all__ = [
     "episode_sum",
     "ess_fraction",
     "fraction_clipped",
+    "greedy_critic_surrogate",
     "kl_penalty",
     "kl_to_behavior",
     "log_ratio",

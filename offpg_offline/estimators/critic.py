@@ -89,3 +89,40 @@ def critic_surrogate(
         target_logp, behavior_logp, reward, step, episode_start, gamma=gamma, options=options,
         baseline=baseline, returns=action_value.detach().to(torch.float64), reduction=reduction,
     )
+
+
+def greedy_critic_surrogate(
+    target_logp: Tensor,
+    behavior_logp: Tensor,
+    reward: Tensor,
+    step: Tensor,
+    episode_start: Tensor,
+    *,
+    gamma: float,
+    options: SurrogateOptions = DEFAULT_OPTIONS,
+    baseline: float | Tensor | None = None,
+    returns: Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    r"""The `greedy-critic` surrogate, to be minimised: `critic_surrogate`'s loss
+
+        L(θ) = −(1/N) Σ_i Σ_t γ^t ρ_t(θ) (Q̂_t − b(s_t))
+
+    with the trainer's greedy-policy critic in the columns (training/greedy.py): Q̂_t =
+    max(Q̂(s_t, a_t), G_t) and b(s_t) = max(Q̂(s_t, μ_θ(s_t)), V̂(s_t)), Q̂ ≈ Q^{μ_θ}.
+
+    What its expectation equals (module docstring): with Q̂ = Q^π exact, no clip and θ = β, the
+    policy-gradient theorem's gradient (the baseline adds nothing, E_β[ρ ∇log π_θ] = 0). Its
+    biases: (i) the first-order one of every step estimator — states weighted by d^β, not
+    d^{π_θ}; (ii) the critic's error on the actions π_θ takes; (iii) Q^{μ_θ} (the greedy
+    policy's value) stands in for Q^{π_θ}: π_θ = N(μ_θ, σ²) with a small frozen σ, so the two
+    differ by O(σ²) where Q is smooth in a; (iv) GPI's max with G_t and V̂ — an improvement
+    step towards the better of μ_θ and β, not an estimate of Q^{π_θ}, where β is better;
+    (v) the ρ cap, as in per-step. Options act as in `critic_surrogate`.
+    """
+    refuse_unsupported("greedy-critic", options, CRITIC_OPTIONS)
+    action_value = reward if returns is None else returns
+    return per_step_surrogate(
+        target_logp, behavior_logp, reward, step, episode_start, gamma=gamma, options=options,
+        baseline=baseline, returns=action_value.detach().to(torch.float64), reduction=reduction,
+    )

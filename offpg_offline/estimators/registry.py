@@ -13,7 +13,11 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
 
-from offpg_offline.estimators.critic import CRITIC_OPTIONS, critic_surrogate
+from offpg_offline.estimators.critic import (
+    CRITIC_OPTIONS,
+    critic_surrogate,
+    greedy_critic_surrogate,
+)
 from offpg_offline.estimators.options import (
     DEFAULT_OPTIONS,
     OPTION_NAMES,
@@ -49,12 +53,17 @@ class EstimatorSpec:
             option set away from its default is refused up front, by name.
         critic: for a "step" estimator, the reward column holds a fitted critic's one-step
             action value Q̂_t = r_t + γ V̂(s_{t+1}) instead of G_t (training/critic.py).
+        greedy: for a "step" estimator, the trainer fits a critic Q̂ ≈ Q^{μ_θ} of the greedy
+            policy during training and puts its GPI action value and baseline into each
+            batch's columns (training/greedy.py); its KL penalty is the closed-form one to the
+            behavior-cloned start. Continuous actions only.
     """
 
     fn: Surrogate
     unit: Unit
     supports: frozenset[str]
     critic: bool = False
+    greedy: bool = False
 
     def __post_init__(self) -> None:
         unknown = sorted(self.supports - set(OPTION_NAMES))
@@ -62,7 +71,7 @@ class EstimatorSpec:
             raise ValueError(f"supports names unknown option(s) {', '.join(unknown)}")
         if self.unit not in ("episode", "step"):
             raise ValueError(f"unit must be 'episode' or 'step', got {self.unit!r}")
-        if self.critic and self.unit != "step":
+        if (self.critic or self.greedy) and self.unit != "step":
             raise ValueError("a critic estimator's unit must be 'step'")
 
     def check(self, name: str, options: SurrogateOptions) -> None:
@@ -76,6 +85,7 @@ ESTIMATORS: Mapping[str, EstimatorSpec] = MappingProxyType({
     "past-weight": EstimatorSpec(past_weight_surrogate, "episode", PAST_WEIGHT_OPTIONS),
     "per-step": EstimatorSpec(per_step_surrogate, "step", PER_STEP_OPTIONS),
     "critic": EstimatorSpec(critic_surrogate, "step", CRITIC_OPTIONS, critic=True),
+    "greedy-critic": EstimatorSpec(greedy_critic_surrogate, "step", CRITIC_OPTIONS, greedy=True),
 })
 """Spec per estimator name; the keys equal `config.EstimatorName` values (tested)."""
 

@@ -26,6 +26,7 @@ from offpg_offline.config import (
     TrainConfig,
     as_params,
     parse_config,
+    resolve_auto,
 )
 
 # The settings a run name shows (see `run_name`); a sweep adds the other settings it varies.
@@ -134,6 +135,16 @@ def train_recorded(tracker: Any, dataset: Path, card: dict[str, Any], run: RunCo
     return result
 
 
+def resolved(run: RunConfig, card: dict[str, Any]) -> RunConfig:
+    """`run` with the train config's auto fields (estimator, lr, steps, bc_steps) decided by
+    the card's action space (`config.resolve_auto`)."""
+    from offpg_offline.data.spaces import space_from_json
+    from offpg_offline.policies import space_dims
+
+    discrete = space_dims(space_from_json(card["action_space"]))[0] == "discrete"
+    return dataclasses.replace(run, train=resolve_auto(run.train, discrete_actions=discrete))
+
+
 def train_run(dataset: Path, run: RunConfig, out_dir: Path | None) -> tuple[str | None, Any]:
     """`offpg train`: a new MLflow run in the dataset's experiment; (run id, TrainResult).
 
@@ -151,9 +162,10 @@ def train_run(dataset: Path, run: RunConfig, out_dir: Path | None) -> tuple[str 
     from offpg_offline.data.envspec import check_env_option
     from offpg_offline.data.store import read_card
 
+    card = read_card(dataset, allow_env_entry_point=run.train.allow_env_entry_point)
+    run = resolved(run, card)  # the run's name and config.toml show the values used, not auto
     train_job.surrogate_options(run.train)  # an option the estimator ignores: refused, no run
     check_env_option(run.train.env)
-    card = read_card(dataset, allow_env_entry_point=run.train.allow_env_entry_point)
     verify_parts(dataset, card, full_hash=run.train.verify)  # before anything is recorded
     with tracking.MlflowTracker.start(
         run.tracking, experiment=str(card.get("name", dataset.name)), run_name=run_name(run.train)
@@ -202,8 +214,10 @@ def launch_ranks(dataset: Path, run: RunConfig, nproc: int, out_dir: Path | None
 
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise ValueError("--nproc starts torchrun itself; under torchrun, leave it out")
+    from offpg_offline.data.store import read_card
     from offpg_offline.training.batches import unit_is_step
 
+    run = resolved(run, read_card(dataset, allow_env_entry_point=run.train.allow_env_entry_point))
     per_step = unit_is_step(run.train)  # the spec's unit (per-step, critic), not a name
     size = run.train.batch_steps if per_step else run.train.batch_episodes
     if size % nproc:
@@ -340,6 +354,8 @@ def run_summary(run_id: str, run: RunConfig, result: Any) -> str:
     """What `offpg train` prints after a run: its headline metrics, checkpoint, how to view."""
     from offpg_offline import tracking
 
+    if getattr(result, "config", None) is not None:  # the estimator, lr, ... actually used
+        run = dataclasses.replace(run, train=result.config)
     summary = [f"run {run_id} ({run_name(run.train)})"]
     for key in ("bc/return_mean", "bc/greedy_return_mean", "online/return_mean",
                 "online/greedy_return_mean", "ope/pdis_validation", "weights/ess_fraction"):
@@ -349,20 +365,24 @@ def run_summary(run_id: str, run: RunConfig, result: Any) -> str:
         summary.append(f"online evaluation skipped: {result.online_skipped}")
     uri = tracking.resolve_uri(run.tracking)
     return "\n".join(["; ".join(summary), f"checkpoint: {result.checkpoint}",
-                      deploy_advice(result.metrics),
+                      deploy_advice(result.metrics, run.train.estimator),
                       f"view: offpg ui  (or: mlflow ui --backend-store-uri {uri})"])
 
 
-def deploy_advice(metrics: Mapping[str, float]) -> str:
+def deploy_advice(metrics: Mapping[str, float], estimator: Any = None) -> str:
     """Which of the trained policy's two forms to deploy: the greedy one (`policy.mode`). In
     scripts/bench_quality.py (default, 3 seeds) its mean return was at least the stochastic
-    policy's on six of the seven shipped logs — far above it on the LunarLander logs (145 vs 96,
-    270 vs 142) — and within seed noise below it on mountaincar-gauss (54 ± 33 vs 59 ± 8): the
-    KL penalty keeps π_θ's spread near the logger's, so samples carry the logger's noise. This
-    run's own online returns are quoted when it has them."""
+    policy's on every shipped log: with per-step far above it on the LunarLander logs (145 vs
+    96 on lander-eps), since the KL penalty keeps π_θ's spread near the logger's and samples
+    carry the logger's noise; with greedy-critic (σ frozen at half the clone's) closer
+    (lander-clipped 284 vs 241). This run's own online returns are quoted when it has them."""
+    spread = ("its σ is frozen at half the behavior clone's (greedy-critic), so sampling adds "
+              "half the logger's noise"
+              if str(getattr(estimator, "value", estimator)) == "greedy-critic" else
+              "its spread stays near the logger's (KL penalty), so sampling adds the logger's "
+              "noise")
     advice = ("deploy: the greedy policy (policy.mode(obs), `offpg evaluate --online N` reports "
-              "it as greedy); its spread stays near the logger's (KL penalty), so sampling adds "
-              "the logger's noise")
+              f"it as greedy); {spread}")
     greedy, stochastic = (metrics.get(f"online/{k}return_mean") for k in ("greedy_", ""))
     if greedy is None or stochastic is None:
         return advice

@@ -111,9 +111,11 @@ def run_sweep(dataset: Path, base: RunConfig, configs: list[TrainConfig], *, gri
     from offpg_offline import train as train_job
     from offpg_offline.data.store import read_card
 
+    card = read_card(dataset, allow_env_entry_point=base.train.allow_env_entry_point)
+    base = record.resolved(base, card)
+    configs = [record.resolved(RunConfig(c, base.tracking), card).train for c in configs]
     for config in configs:  # an option an estimator ignores: refused before any run starts
         train_job.surrogate_options(config)
-    card = read_card(dataset, allow_env_entry_point=base.train.allow_env_entry_point)
     name = str(card.get("name", dataset.name))
     estimators = list(dict.fromkeys(c.estimator.value for c in configs))
     seeds = list(dict.fromkeys(str(c.seed) for c in configs))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,11 @@ def save_checkpoint(
     *,
     step: int,
     config: TrainConfig,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Model and optimiser state, step and config, so `torch.load(path, weights_only=True)`
-    reads it and `train(..., resume=path)` continues exactly. Written to a temporary name, then
-    renamed.
+    reads it and `train(..., resume=path)` continues exactly; `extra` (the greedy-critic's
+    critic and clone) under the key "extra". Written to a temporary name, then renamed.
 
     Raises:
         CheckpointError: the file could not be written (a full disk, a folder that vanished);
@@ -45,6 +47,7 @@ def save_checkpoint(
                 "optimizer": _to_cpu(optimizer.state_dict()),
                 "step": step,
                 "config": as_params(config),
+                **({} if extra is None else {"extra": _to_cpu(dict(extra))}),
             },
             tmp,
         )

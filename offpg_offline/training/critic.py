@@ -49,14 +49,24 @@ def is_discounted(config: TrainConfig) -> bool:
 
 
 def check_discount_weighting(config: TrainConfig) -> None:
-    """Refuse `undiscounted` for an episode estimator (its γ^t is part of its estimate), and
-    `critic_lambda` for an estimator without a critic."""
+    """Refuse `undiscounted` for an episode estimator (its γ^t is part of its estimate),
+    `critic_lambda` for an estimator without a critic, and for greedy-critic `discounted` and
+    a KL penalty without a behavior-cloned start."""
     name = config.estimator.value
     spec = estimators.ESTIMATORS[name]
     if config.critic_lambda != 0.0 and not spec.critic:
         raise ValueError(
             f"option critic_lambda={config.critic_lambda!r} is not supported by the {name} "
             "estimator (only the critic estimator has a critic)")
+    if spec.greedy and config.discount_weighting is DiscountWeighting.DISCOUNTED:
+        raise ValueError(
+            f"option discount_weighting=discounted is not supported by the {name} estimator "
+            "(its critic's Q̂ carries no γ^t; use auto or undiscounted)")
+    if spec.greedy and config.kl_coef > 0 and config.init.value != "bc":
+        raise ValueError(
+            f"option init={config.init.value} is not supported by the {name} estimator with "
+            "kl_coef > 0 (its KL penalty is to the behavior-cloned start; use init=bc or "
+            "kl_coef=0)")
     if spec.unit == "episode" and config.discount_weighting is DiscountWeighting.UNDISCOUNTED:
         raise ValueError(
             f"option discount_weighting=undiscounted is not supported by the {name} estimator "
