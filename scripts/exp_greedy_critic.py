@@ -73,6 +73,7 @@ def run(name: str, seed: int, args: argparse.Namespace, scratch: Path) -> dict[s
     """Train one policy with the greedy-policy critic; its online greedy/stochastic returns."""
     dataset, propensity = dataset_for(name, seed, scratch)
     overrides = {"seed": seed, "eval_episodes": args.episodes, "steps": args.steps,
+                 "estimator": "per-step",  # this script adds its own critic to per-step
                  "kl_coef": args.kl_coef, "bc_steps": args.bc_steps, **propensity}
     if args.lr is not None:
         overrides["lr"] = args.lr

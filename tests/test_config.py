@@ -91,10 +91,12 @@ def test_toml_round_trip_of_none_values() -> None:
     # clip=None used to be left out of config.toml, so a re-run read clip = 2.0
     optional = {f.name for f in dataclasses.fields(TrainConfig)
                 if "None" in str(f.type)}
-    assert optional == {"lr", "clip", "ppo_epsilon", "select_by", "env"}
+    assert optional == {"estimator", "steps", "lr", "bc_steps", "clip", "ppo_epsilon",
+                        "select_by", "env"}
     run = RunConfig(TrainConfig(**dict.fromkeys(optional)), TrackingConfig())
     back = parse_config(to_toml(run), source="test")
     assert back == run and back.train.clip is None and back.train.lr is None
+    assert back.train.estimator is None and back.train.steps is None
 
 
 def test_auto_lr_reads_auto_and_none_and_nowhere_else_is_auto_a_word() -> None:
@@ -113,10 +115,27 @@ def test_auto_lr_reads_auto_and_none_and_nowhere_else_is_auto_a_word() -> None:
 def test_resolve_auto_sets_lr_by_action_space_and_keeps_an_explicit_one() -> None:
     # The values README's "The default configuration, and why" documents.
     assert resolve_auto(TrainConfig(), discrete_actions=True).lr == 1e-3
-    assert resolve_auto(TrainConfig(), discrete_actions=False).lr == 5e-4
+    assert resolve_auto(TrainConfig(), discrete_actions=False).lr == 2.5e-4  # greedy-critic
+    per_step = TrainConfig(estimator=EstimatorName.PER_STEP)
+    assert resolve_auto(per_step, discrete_actions=False).lr == 5e-4
     assert resolve_auto(TrainConfig(lr=0.02), discrete_actions=False).lr == 0.02
     resolved = resolve_auto(TrainConfig(kl_coef=3.0), discrete_actions=False)
-    assert resolved == dataclasses.replace(TrainConfig(kl_coef=3.0), lr=5e-4)
+    assert resolved == dataclasses.replace(
+        TrainConfig(kl_coef=3.0), estimator=EstimatorName.GREEDY_CRITIC, lr=2.5e-4,
+        steps=3000, bc_steps=20000)
+    explicit = TrainConfig(steps=7, bc_steps=9)
+    assert (resolve_auto(explicit, discrete_actions=False).steps,
+            resolve_auto(explicit, discrete_actions=False).bc_steps) == (7, 9)
+
+
+def test_auto_estimator_is_per_step_without_a_clone() -> None:
+    # greedy-critic's KL anchor is the behavior-cloned start: with --init random, auto picks
+    # per-step (and its settings) on continuous actions; an explicit choice is kept.
+    random_start = resolve_auto(TrainConfig(init=Init.RANDOM), discrete_actions=False)
+    assert (random_start.estimator, random_start.lr, random_start.steps) == (
+        EstimatorName.PER_STEP, 5e-4, 1000)
+    chosen = TrainConfig(init=Init.RANDOM, estimator=EstimatorName.GREEDY_CRITIC)
+    assert resolve_auto(chosen, discrete_actions=False).estimator is EstimatorName.GREEDY_CRITIC
 
 
 def test_toml_written_for_none_is_the_word_none() -> None:

@@ -26,6 +26,7 @@ from offpg_offline.estimators import (
     episode_sum,
     ess_fraction,
     fraction_clipped,
+    greedy_critic_surrogate,
     kl_penalty,
     kl_to_behavior,
     log_ratio,
@@ -160,7 +161,7 @@ def _ref_loss(name: str, log: dict[str, Tensor], *, gamma: float, clip: float | 
             g = float(rew[i]) + gamma * g
             out.insert(0, g)
         ret += out
-    if name == "critic":  # the reward column is the critic's Q̂(s_t, a_t): not summed
+    if name in ("critic", "greedy-critic"):  # the reward column is Q̂(s_t, a_t): not summed
         ret = [float(rew[i]) for i in range(m)]
     adv = [ret[i] - base[i] for i in range(m)]
 
@@ -217,7 +218,7 @@ def _ref_loss(name: str, log: dict[str, Tensor], *, gamma: float, clip: float | 
                     total = total - disc[i] * prev * torch.minimum(
                         r * adv[i], r.clamp(1 - ppo_epsilon, 1 + ppo_epsilon) * adv[i])
         return total / n
-    assert name in ("per-step", "critic")
+    assert name in ("per-step", "critic", "greedy-critic")
     ratio = [torch.clamp(r, max=cap) for r in rho]
     if self_normalize:
         mean_r = sum(ratio, torch.zeros((), dtype=F64)) / m
@@ -753,8 +754,10 @@ def test_estimators_are_the_documented_functions() -> None:
     assert REGISTRY["per-decision"].fn is _per_decision_fn
     assert REGISTRY["per-step"].unit == "step"
     assert REGISTRY["critic"].fn is critic_surrogate and REGISTRY["critic"].unit == "step"
+    assert REGISTRY["greedy-critic"].fn is greedy_critic_surrogate
+    assert REGISTRY["greedy-critic"].unit == "step" and REGISTRY["greedy-critic"].greedy
     assert {spec.unit for name, spec in REGISTRY.items()
-            if name not in ("per-step", "critic")} == {"episode"}
+            if name not in ("per-step", "critic", "greedy-critic")} == {"episode"}
     with pytest.raises(TypeError):
         REGISTRY["new"] = REGISTRY["per-step"]  # type: ignore[index]
 

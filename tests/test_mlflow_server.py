@@ -141,7 +141,7 @@ def test_runs_are_read_back_from_the_server(
         assert run.info.run_name == f"{estimator}-clip2-step-kl2-s0"
         expected = as_params(TrainConfig(estimator=estimator, steps=10, init="random",
                                          baseline="none", eval_episodes=2,
-                                         lr=1e-3))  # lr auto on a discrete log: 1e-3
+                                         lr=1e-3, bc_steps=5000))  # auto on a discrete log
         assert run.data.params == {k: str(v) for k, v in expected.items()}
         tags = run.data.tags
         assert (tags["estimator"], tags["dataset"], tags["propensity"]) == (

@@ -18,15 +18,17 @@ from offpg_offline.data.batch import load_steps
 from offpg_offline.data.split import split_episodes
 from offpg_offline.data.stream import episode_rows
 from offpg_offline.distributed import Context
-from offpg_offline.estimators import discounted_returns
+from offpg_offline.estimators import ESTIMATORS, discounted_returns
 from offpg_offline.policies import policy_from_checkpoint
 from offpg_offline.train import NullTracker, train
+from offpg_offline.training import greedy
 from offpg_offline.training.batches import make_batches, make_view
 from offpg_offline.training.prepare import prepare_data
 
 DATASETS = Path(__file__).resolve().parents[1] / "datasets"
 WEAK = DATASETS / "cartpole-weak"
-FAST = TrainConfig(steps=20, log_every=5, init=Init.RANDOM, baseline=Baseline.NONE, eval_episodes=2)
+FAST = TrainConfig(estimator=EstimatorName.PER_STEP, steps=20, log_every=5, init=Init.RANDOM,
+                   baseline=Baseline.NONE, eval_episodes=2)
 
 
 class RecordingTracker(NullTracker):
@@ -106,12 +108,15 @@ def test_same_seed_gives_bit_identical_parameters(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("estimator", list(EstimatorName))
 def test_every_estimator_trains_and_logs_namespaced_diagnostics(
-    estimator: EstimatorName, tmp_path: Path
+    estimator: EstimatorName, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tracker = RecordingTracker()
-    result = train(
-        WEAK, dataclasses.replace(FAST, estimator=estimator), tracker=tracker, out_dir=tmp_path
-    )
+    config, dataset = dataclasses.replace(FAST, estimator=estimator), WEAK
+    if ESTIMATORS[estimator.value].greedy:  # continuous actions, a behavior-cloned start
+        monkeypatch.setattr(greedy, "WARM_STEPS", 50)
+        config = dataclasses.replace(config, init=Init.BC, bc_steps=20)
+        dataset = DATASETS / "pendulum-gauss"
+    result = train(dataset, config, tracker=tracker, out_dir=tmp_path)
     logged = {key for _, metrics in tracker.metrics for key in metrics}
     assert {
         "train/loss",

@@ -86,7 +86,7 @@ def test_gradient_variance_is_the_per_unit_definition(
 
 def test_gradient_variance_without_baseline_and_of_one_unit() -> None:
     policy, view = _setup("categorical", baseline=False)
-    config = TrainConfig(baseline=Baseline.NONE)
+    config = TrainConfig(estimator=EstimatorName.PER_STEP, baseline=Baseline.NONE)
     assert train.episode_gradient_variance(policy, view, config) == pytest.approx(
         _variance_by_definition(policy, view, config), rel=1e-5)
     assert train.episode_gradient_variance(policy, view.rows(torch.tensor([0]), as_steps=True),

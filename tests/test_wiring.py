@@ -97,8 +97,9 @@ CASES = [(name, option) for name in sorted(ESTIMATORS)
 
 def test_every_supported_option_is_covered() -> None:
     assert {option for _, option in CASES} == set(NON_DEFAULT)
-    # 5 + 5 + 6 + 5 (trajectory, per-decision, past-weight, per-step) + 5 (critic = per-step's)
-    assert len(CASES) == sum(len(spec.supports) for spec in ESTIMATORS.values()) == 26
+    # 5 + 5 + 6 + 5 (trajectory, per-decision, past-weight, per-step) + 5 + 5 (critic and
+    # greedy-critic = per-step's)
+    assert len(CASES) == sum(len(spec.supports) for spec in ESTIMATORS.values()) == 31
 
 
 @pytest.mark.parametrize(("name", "option"), CASES)
@@ -126,7 +127,10 @@ def test_trainer_passes_the_baseline_gamma_and_kl(name: str) -> None:
                                                    baseline=view.baseline), rtol=1e-12, atol=0)
         assert abs(float(with_b) - float(without_b)) > 1e-6
         kl, _ = train.surrogate(policy, view, _config(name, kl_coef=0.7))
-        expected = with_b + 0.7 * kl_penalty(logp, view.behavior_logp)
+        # greedy-critic's KL is the closed-form one to the clone, added by `train.update`
+        # (tests/test_greedy_critic.py): its surrogate carries no sampled KL.
+        expected = with_b + (0.0 if ESTIMATORS[name].greedy
+                             else 0.7 * kl_penalty(logp, view.behavior_logp))
         torch.testing.assert_close(kl, expected, rtol=1e-12, atol=0.0)
         if ESTIMATORS[name].unit == "episode":  # rows of unit "step" carry G_t: γ is inside
             other, _ = train.surrogate(policy, view, _config(name, gamma=0.5))
@@ -165,7 +169,9 @@ def _episodes() -> LogView:
                    torch.randn(m, generator=gen, dtype=F64) + 0.5, step, step == 0, None)
 
 
-@pytest.mark.parametrize("name", [n for n in sorted(ESTIMATORS) if ESTIMATORS[n].unit == "step"])
+# greedy-critic refuses `discounted` (tests/test_greedy_critic.py): its Q̂ carries no γ^t.
+@pytest.mark.parametrize("name", [n for n in sorted(ESTIMATORS)
+                                  if ESTIMATORS[n].unit == "step" and not ESTIMATORS[n].greedy])
 def test_discount_weighting_reaches_the_loss(name: str) -> None:
     # The option acts where a step estimator's rows are made (whole episodes → rows): the
     # row's target (G_t, or the critic's Q̂_t) and its baseline are multiplied by γ^t.
