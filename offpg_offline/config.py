@@ -152,7 +152,9 @@ class TrainConfig:
     self_normalize: bool = option(False, "Weighted IS: divide by the batch mean weight.")
     baseline: Baseline = option(Baseline.VALUE, "Baseline b subtracted from G_t.")
     standardize_returns: bool = option(False, "Standardise returns G_t over the batch.")
-    kl_coef: float = option(2.0, "Weight of the KL(π_θ‖π_β) penalty on logged states.", ge=0.0)
+    kl_coef: float = option(
+        2.0, "Weight of the KL(π_θ‖π_β) penalty on logged states (greedy-critic: KL(π_θ‖π_c) in "
+        "closed form to the behavior-cloned start π_c).", ge=0.0)
     ppo_epsilon: float | None = option(
         None, "PPO-style clip of ρ_t to [1-ε, 1+ε] (per-step); none: off.", gt=0.0, lt=1.0
     )
@@ -162,7 +164,7 @@ class TrainConfig:
         "γ^t on step t's gradient term (step estimators per-step, critic): discounted (the "
         "unbiased gradient of the discounted return) or undiscounted (drop γ^t, as most "
         "deep-RL code); auto: undiscounted for step estimators, discounted for the others "
-        "(which refuse undiscounted).",
+        "(which refuse undiscounted; greedy-critic refuses discounted).",
     )
     critic_lambda: float = option(
         0.0,

@@ -39,15 +39,20 @@ DATASETS = (
     "lander-clipped", "mountaincar-gauss",
 )
 
-# Option sets: "default" is TrainConfig() itself (per-step, ρ capped at 2, value baseline,
-# KL weight 2, 5000 BC steps, 1000 steps, lr auto: 1e-3 for discrete actions, 5e-4 for
-# continuous ones); the others override it. An override that resolves to the default's own
-# configuration on a log (e.g. lr 1e-3 on a discrete log) reuses the default's runs.
+# Option sets: "default" is TrainConfig() itself (estimator auto: per-step on discrete logs,
+# greedy-critic on continuous ones; lr, steps and bc_steps auto by estimator: per-step ρ capped
+# at 2, value baseline, KL weight 2, 5000 BC steps, 1000 steps, lr 1e-3 discrete / 5e-4
+# continuous; greedy-critic the same cap and baseline, its closed-form KL weight 2 to the
+# clone, 20 000 BC steps, 3000 steps, lr 2.5e-4); the others override it. An override that
+# resolves to the default's own configuration on a log (e.g. per-step on a discrete log)
+# reuses the default's runs.
 CONFIGS: dict[str, dict[str, Any]] = {
     "default": {},
-    "pre-issue-15 default (bc 300; lr 1e-3)": {"bc_steps": 300, "lr": 1e-3},
-    "lr 1e-3 (default before auto)": {"lr": 1e-3},
-    "lr 5e-4": {"lr": 5e-4},
+    "per-step (the default before greedy-critic)": {"estimator": "per-step"},
+    "pre-issue-15 default (per-step; bc 300; lr 1e-3)": {
+        "estimator": "per-step", "bc_steps": 300, "lr": 1e-3},
+    "per-step lr 1e-3 (default before auto)": {"estimator": "per-step", "lr": 1e-3},
+    "per-step lr 5e-4": {"estimator": "per-step", "lr": 5e-4},
     "critic λ=0.95": {"estimator": "critic", "critic_lambda": 0.95},
 }
 

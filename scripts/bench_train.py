@@ -18,6 +18,8 @@ bare and trainer runs and keep the best of each.
     OMP_NUM_THREADS=1 python scripts/bench_train.py [--dataset datasets/cartpole-eps] [--steps 200]
         [--repeats 5] [--wall]
     OMP_NUM_THREADS=1 python scripts/bench_train.py --estimator critic  # vs the same bare loop
+    OMP_NUM_THREADS=1 python scripts/bench_train.py --dataset datasets/pendulum-gauss \
+        --estimator greedy-critic --bc-steps 200 --repeats 3   # its critic steps are counted
 
 Goal: ratio (ours / bare) ≥ 0.8 (issue 7).
 """
@@ -107,12 +109,15 @@ def main() -> None:
     parser.add_argument("--wall", action="store_true", help="time wall-clock seconds instead")
     parser.add_argument("--estimator", default="per-step",
                         help="the trainer's estimator (the bare loop stays the per-step one)")
+    parser.add_argument("--bc-steps", default=None, type=lambda v: None if v == "auto" else int(v),
+                        help="behavior-cloning steps before the loop (default: auto); they are "
+                        "not timed, so only the benchmark's wall time depends on them")
     args = parser.parse_args()
     clock = time.perf_counter if args.wall else time.process_time
     torch.set_num_threads(1)
     config = build(TrainConfig, "bench_train", {
         **dataclasses.asdict(TrainConfig()), "eval_episodes": 2, "threads": 1,
-        "estimator": args.estimator})
+        "estimator": args.estimator, "bc_steps": args.bc_steps})
     # lr auto as `train` resolves it, so the bare loop's Adam takes the same rate
     config = resolve_auto(config, discrete_actions=actions_are_discrete(args.dataset, config))
     # Interleaved repeats (bare, ours, bare, ours, ...), best of each: other processes only

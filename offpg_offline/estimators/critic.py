@@ -120,9 +120,8 @@ def greedy_critic_surrogate(
     step towards the better of μ_θ and β, not an estimate of Q^{π_θ}, where β is better;
     (v) the ρ cap, as in per-step. Options act as in `critic_surrogate`.
     """
-    refuse_unsupported("greedy-critic", options, CRITIC_OPTIONS)
-    action_value = reward if returns is None else returns
-    return per_step_surrogate(
+    refuse_unsupported("greedy-critic", options, CRITIC_OPTIONS)  # its own name in the error
+    return critic_surrogate(
         target_logp, behavior_logp, reward, step, episode_start, gamma=gamma, options=options,
-        baseline=baseline, returns=action_value.detach().to(torch.float64), reduction=reduction,
+        baseline=baseline, returns=returns, reduction=reduction,
     )
