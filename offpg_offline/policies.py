@@ -22,7 +22,7 @@ public because `behavior/models.py` reuses them for its Gaussian mixture.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -588,6 +588,7 @@ def fit_mle(
     val_action: Tensor | None = None,
     eval_every: int = 100,
     patience: int = 5,
+    on_step: Callable[[float], None] | None = None,
 ) -> MLEResult:
     """Maximum likelihood with Adam, optionally early-stopped on a validation NLL.
 
@@ -609,6 +610,7 @@ def fit_mle(
         val_obs, val_action: held-out rows for early stopping (both or neither).
         eval_every: steps between validation evaluations.
         patience: evaluations without improvement before stopping.
+        on_step: called with each step's minibatch loss (a progress bar).
 
     Returns:
         An `MLEResult`.
@@ -639,6 +641,8 @@ def fit_mle(
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(losses[-1])
         if validate and (step % eval_every == 0 or step == steps):
             nll = mean_nll(policy, val_obs, val_action)  # type: ignore[arg-type]
             val_nll.append(nll)
@@ -666,6 +670,7 @@ def behavior_clone(
     batch_size: int = 256,
     generator: torch.Generator | None = None,
     weight_decay: float = 0.0,
+    on_step: Callable[[float], None] | None = None,
 ) -> list[float]:
     """Fit `policy` to (s, a) pairs by maximum likelihood for `steps` Adam steps (see `fit_mle`).
 
@@ -678,6 +683,7 @@ def behavior_clone(
         batch_size: rows per step (capped at N).
         generator: source of minibatch indices (seeded: bit-reproducible on CPU).
         weight_decay: Adam L2 coefficient.
+        on_step: called with each step's loss (a progress bar).
 
     Returns:
         The minibatch negative log-likelihood of each step (nats per row).
@@ -691,4 +697,5 @@ def behavior_clone(
         batch_size=batch_size,
         generator=generator,
         weight_decay=weight_decay,
+        on_step=on_step,
     ).losses

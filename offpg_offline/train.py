@@ -38,6 +38,7 @@ from offpg_offline.data.spaces import space_from_json
 from offpg_offline.data.split import validation_digest, write_validation_record
 from offpg_offline.data.stream import LogView
 from offpg_offline.policies import Policy, behavior_clone, make_policy
+from offpg_offline.training import greedy as greedy_module
 from offpg_offline.training.batches import stream, unit_is_step
 from offpg_offline.training.checkpoints import (
     latest_checkpoint,
@@ -152,10 +153,12 @@ def train(
         record_run(dataset, data, config, context, tracker, out_dir, fresh=checkpoint is None)
         if online_skipped:
             tracker.set_tags({"offpg.online_skipped": online_skipped[:5000]})
-    policy, optimizer, bc_metrics = build_policy(data, config, context, checkpoint, env_id)
+    bars = progress and context.is_main
+    policy, optimizer, bc_metrics = build_policy(data, config, context, checkpoint, env_id,
+                                                 progress=bars)
     if bc_metrics:
         tracker.log_metrics(bc_metrics, step=0)
-    greedy = build_greedy(policy, data, config, context, checkpoint)
+    greedy = build_greedy(policy, data, config, context, checkpoint, progress=bars)
     selector = make_selector(config, data.validation, data.train_batch)
     every = checkpoint_interval(config, selector)
     batches = data.source.batches(context, start_step)
@@ -233,6 +236,8 @@ def build_policy(
     context: distributed.Context,
     checkpoint: Mapping[str, Any] | None,
     env_id: str | None,
+    *,
+    progress: bool = False,
 ) -> tuple[Policy, torch.optim.Optimizer, dict[str, float]]:
     """π_θ (observations normalised by the training episodes' statistics) and its Adam optimiser:
     restored from `checkpoint`, else behavior-cloned (`init = bc`, with its `bc/*` online
@@ -253,15 +258,17 @@ def build_policy(
         policy.load_state_dict(checkpoint["state_dict"])
         optimizer.load_state_dict(checkpoint["optimizer"])
     elif config.init is Init.BC:
-        behavior_clone(
-            policy,
-            train_batch.obs,
-            train_batch.action,
-            steps=config.bc_steps,
-            lr=1e-3,
-            batch_size=1024,
-            generator=stream(config.seed, "bc"),
-        )
+        with Progress(progress, config.bc_steps, label="behavior cloning") as advance:
+            behavior_clone(
+                policy,
+                train_batch.obs,
+                train_batch.action,
+                steps=config.bc_steps,
+                lr=1e-3,
+                batch_size=1024,
+                generator=stream(config.seed, "bc"),
+                on_step=lambda loss: advance(loss=loss),
+            )
         if context.is_main:
             bc_metrics = online_metrics(policy, env_id, config, prefix="bc")
     policy.to(context.device)
@@ -296,6 +303,8 @@ def build_greedy(
     config: TrainConfig,
     context: distributed.Context,
     checkpoint: Mapping[str, Any] | None,
+    *,
+    progress: bool = False,
 ) -> Greedy | None:
     """For a greedy-critic run (else None): the frozen clone (the behavior-cloned π_θ, or the
     checkpoint's), π_θ's σ frozen at `greedy.STD_SCALE` × the clone's, and the critic — warmed
@@ -315,7 +324,8 @@ def build_greedy(
     if checkpoint is not None:
         critic.load_state_dict(checkpoint["extra"]["critic"])
     else:
-        critic.warm_up(policy)
+        with Progress(progress, greedy_module.WARM_STEPS, label="critic warm-up") as advance:
+            critic.warm_up(policy, on_step=lambda loss: advance(loss=loss))
     return Greedy(critic, clone)
 
 

@@ -351,3 +351,12 @@ def test_refusals_are_one_sentence_before_any_file(
     with pytest.raises(ValueError, match=message):
         train(DATASETS / dataset, _config(**overrides), out_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_deploy_advice_names_the_frozen_spread() -> None:
+    from offpg_offline.jobs.record import deploy_advice
+
+    metrics = {"online/greedy_return_mean": 280.0, "online/return_mean": 240.0}
+    advice = deploy_advice(metrics, EstimatorName.GREEDY_CRITIC)
+    assert "half the behavior clone's" in advice and "280 greedy vs 240 stochastic" in advice
+    assert "near the logger's" in deploy_advice(metrics, EstimatorName.PER_STEP)

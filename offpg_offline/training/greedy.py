@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -136,8 +136,10 @@ class GreedyCritic:
         return torch.cat([(obs - self.obs_mean) / self.obs_std,
                           (action - self.centre) / self.half], -1)
 
-    def fit(self, policy: nn.Module, steps: int, generator: torch.Generator) -> float:
-        """`steps` TD steps towards μ_θ's target (module docstring); the last step's loss."""
+    def fit(self, policy: nn.Module, steps: int, generator: torch.Generator,
+            on_step: Callable[[float], None] | None = None) -> float:
+        """`steps` TD steps towards μ_θ's target (module docstring); the last step's loss.
+        `on_step` gets each step's loss (a progress bar)."""
         loss = torch.zeros(())
         for _ in range(steps):
             rows = torch.randint(0, self.obs.shape[0], (BATCH,), generator=generator)
@@ -160,11 +162,13 @@ class GreedyCritic:
                 for p, target in zip(self.critics.parameters(), self.targets.parameters(),
                                      strict=True):
                     target.lerp_(p, TAU)
+            if on_step is not None:
+                on_step(float(loss.detach()))
         return float(loss.detach())
 
-    def warm_up(self, policy: nn.Module) -> float:
+    def warm_up(self, policy: nn.Module, on_step: Callable[[float], None] | None = None) -> float:
         """`WARM_STEPS` critic steps on the starting policy (their own random stream)."""
-        return self.fit(policy, WARM_STEPS, stream(self.seed, "greedy-critic-warm"))
+        return self.fit(policy, WARM_STEPS, stream(self.seed, "greedy-critic-warm"), on_step)
 
     def before_update(self, policy: nn.Module, step: int) -> float:
         """`STEPS_PER_UPDATE` critic steps before policy-gradient step `step` (1-based)."""

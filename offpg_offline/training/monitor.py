@@ -107,11 +107,13 @@ def online_metrics(
 class Progress:
     """A rich progress bar with live loss and ESS, or nothing when disabled.
 
-    `with Progress(enabled, total, start) as advance: advance(loss=..., ess=...)`.
+    `with Progress(enabled, total, start) as advance: advance(loss=..., ess=...)`; `label`
+    names the phase (behavior cloning and the greedy critic's warm-up have a bar of their own,
+    without ESS).
     """
 
-    def __init__(self, enabled: bool, total: int, start: int = 0) -> None:
-        self.enabled, self.total, self.start = enabled, total, start
+    def __init__(self, enabled: bool, total: int, start: int = 0, label: str = "train") -> None:
+        self.enabled, self.total, self.start, self.label = enabled, total, start, label
 
     def __enter__(self) -> Callable[..., None]:
         if not self.enabled:
@@ -120,17 +122,18 @@ class Progress:
         from rich.progress import Progress as Bar
 
         self._bar = Bar(
-            TextColumn("train"),
+            TextColumn(self.label),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[status]}"),
             transient=False,
         )
         self._bar.__enter__()
-        task = self._bar.add_task("train", total=self.total, completed=self.start, status="")
+        task = self._bar.add_task(self.label, total=self.total, completed=self.start, status="")
 
-        def advance(loss: float, ess: float) -> None:
-            self._bar.update(task, advance=1, status=f"loss {loss:.4g}  ESS {ess:.0%}")
+        def advance(loss: float, ess: float | None = None) -> None:
+            status = f"loss {loss:.4g}" + ("" if ess is None else f"  ESS {ess:.0%}")
+            self._bar.update(task, advance=1, status=status)
 
         return advance
 
