@@ -175,6 +175,7 @@ def run_ours(name: str, seed: int, episodes: int, scratch: Path) -> dict[str, An
     overrides: dict[str, Any] = {**propensity, "seed": seed, "eval_episodes": episodes}
     config = build(TrainConfig, "train", {**dataclasses.asdict(TrainConfig()), **overrides})
     result = train(dataset, config, out_dir=scratch / f"{name}-{seed}")
+    config = result.config or config  # what train used: estimator, lr, steps, bc_steps resolved
     seconds = time.perf_counter() - start
     metrics = result.metrics
     return {
