@@ -138,11 +138,15 @@ def train_recorded(tracker: Any, dataset: Path, card: dict[str, Any], run: RunCo
 def resolved(run: RunConfig, card: dict[str, Any]) -> RunConfig:
     """`run` with the train config's auto fields (estimator, lr, steps, bc_steps) decided by
     the card's action space (`config.resolve_auto`)."""
+    return dataclasses.replace(run, train=resolve_auto(run.train,
+                                                       discrete_actions=_discrete(card)))
+
+
+def _discrete(card: dict[str, Any]) -> bool:
     from offpg_offline.data.spaces import space_from_json
     from offpg_offline.policies import space_dims
 
-    discrete = space_dims(space_from_json(card["action_space"]))[0] == "discrete"
-    return dataclasses.replace(run, train=resolve_auto(run.train, discrete_actions=discrete))
+    return space_dims(space_from_json(card["action_space"]))[0] == "discrete"
 
 
 def train_run(dataset: Path, run: RunConfig, out_dir: Path | None) -> tuple[str | None, Any]:
@@ -165,6 +169,7 @@ def train_run(dataset: Path, run: RunConfig, out_dir: Path | None) -> tuple[str 
     card = read_card(dataset, allow_env_entry_point=run.train.allow_env_entry_point)
     run = resolved(run, card)  # the run's name and config.toml show the values used, not auto
     train_job.surrogate_options(run.train)  # an option the estimator ignores: refused, no run
+    train_job.check_action_space(run.train, discrete=_discrete(card))
     check_env_option(run.train.env)
     verify_parts(dataset, card, full_hash=run.train.verify)  # before anything is recorded
     with tracking.MlflowTracker.start(
