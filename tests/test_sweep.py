@@ -74,3 +74,15 @@ def test_bad_grid_is_one_sentence(spec: str, message: str, tmp_path: Path) -> No
     result = CliRunner().invoke(app, ["sweep", str(DATASET), "--grid", spec])
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_a_sweep_refuses_greedy_critic_on_discrete_actions_before_any_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = CliRunner().invoke(
+        app, ["sweep", str(DATASET), "--estimator", "per-step,greedy-critic"])
+    assert result.exit_code == 2, result.output
+    assert "the greedy-critic estimator needs continuous actions" in result.output
+    assert not (tmp_path / "mlflow.db").exists()  # no parent run was started

@@ -139,10 +139,11 @@ def resolved(run: RunConfig, card: dict[str, Any]) -> RunConfig:
     """`run` with the train config's auto fields (estimator, lr, steps, bc_steps) decided by
     the card's action space (`config.resolve_auto`)."""
     return dataclasses.replace(run, train=resolve_auto(run.train,
-                                                       discrete_actions=_discrete(card)))
+                                                       discrete_actions=is_discrete(card)))
 
 
-def _discrete(card: dict[str, Any]) -> bool:
+def is_discrete(card: dict[str, Any]) -> bool:
+    """Whether the card's `action_space` is Discrete."""
     from offpg_offline.data.spaces import space_from_json
     from offpg_offline.policies import space_dims
 
@@ -169,7 +170,7 @@ def train_run(dataset: Path, run: RunConfig, out_dir: Path | None) -> tuple[str 
     card = read_card(dataset, allow_env_entry_point=run.train.allow_env_entry_point)
     run = resolved(run, card)  # the run's name and config.toml show the values used, not auto
     train_job.surrogate_options(run.train)  # an option the estimator ignores: refused, no run
-    train_job.check_action_space(run.train, discrete=_discrete(card))
+    train_job.check_action_space(run.train, discrete=is_discrete(card))
     check_env_option(run.train.env)
     verify_parts(dataset, card, full_hash=run.train.verify)  # before anything is recorded
     with tracking.MlflowTracker.start(

@@ -116,6 +116,7 @@ def run_sweep(dataset: Path, base: RunConfig, configs: list[TrainConfig], *, gri
     configs = [record.resolved(RunConfig(c, base.tracking), card).train for c in configs]
     for config in configs:  # an option an estimator ignores: refused before any run starts
         train_job.surrogate_options(config)
+        train_job.check_action_space(config, discrete=record.is_discrete(card))
     name = str(card.get("name", dataset.name))
     estimators = list(dict.fromkeys(c.estimator.value for c in configs))
     seeds = list(dict.fromkeys(str(c.seed) for c in configs))
